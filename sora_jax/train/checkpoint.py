@@ -1,0 +1,89 @@
+"""Orbax checkpoints of a model and its optimizer, resumable from the latest step.
+
+Layout under ``<workdir>/checkpoints/<step>/``: ``model`` (parameters), ``optimizer`` (optax state
+and step counter) and ``meta`` (JSON: step, run name, config). Inference restores ``model`` alone.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """Raised when a run directory holds no checkpoint to restore."""
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+    """Saves and restores ``(model, optimizer)`` pairs with an Orbax ``CheckpointManager``.
+
+    Args:
+      directory: folder for the step sub-folders (created if missing).
+      max_to_keep: how many of the newest checkpoints survive.
+      async_save: write in a background thread (Orbax's default); ``wait()`` joins it.
+    """
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None when there is none."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None, meta: dict[str, Any]):
+        """Writes model parameters, optimizer state and JSON metadata for ``step``."""
+        items = {
+            "model": ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
+            "meta": ocp.args.JsonSave(dict(meta, step=int(step))),
+        }
+        if optimizer is not None:
+            items["optimizer"] = ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer)))
+        self.manager.save(int(step), args=ocp.args.Composite(**items))
+
+    def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, step: int | None = None) -> dict:
+        """Restores in place into ``model`` (and ``optimizer``) and returns the saved metadata.
+
+        Raises:
+          CheckpointNotFoundError: no checkpoint exists under the directory (or not ``step``).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            raise CheckpointNotFoundError(
+                f"no checkpoint{'' if step is None else f' for step {step}'} in {self.directory}"
+            )
+        model_state = nnx.state(model)
+        items = {
+            "model": ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(model_state))),
+            "meta": ocp.args.JsonRestore(),
+        }
+        if optimizer is not None:
+            opt_state = nnx.state(optimizer)
+            items["optimizer"] = ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(opt_state)))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        nnx.replace_by_pure_dict(model_state, restored["model"])
+        nnx.update(model, model_state)
+        if optimizer is not None:
+            nnx.replace_by_pure_dict(opt_state, restored["optimizer"])
+            nnx.update(optimizer, opt_state)
+        return dict(restored["meta"])
+
+    def wait(self):
+        """Blocks until pending asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()

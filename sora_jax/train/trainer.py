@@ -1,0 +1,169 @@
+"""The one training loop, shared by the VAE and the DiT.
+
+A :class:`TrainTask` says what is trained (a model, a loss, a batch for every step); ``train``
+does the rest: optax optimizer, jitted step, resume from the latest Orbax checkpoint, TensorBoard
+and JSON metrics, tqdm progress. Batches and random keys are pure functions of the step number,
+so a resumed run sees exactly the data and noise it would have seen without the interruption.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sora_jax.train.checkpoint import Checkpointer
+from sora_jax.train.metrics import MetricWriter
+
+log = logging.getLogger("sora_jax.train")
+
+Batch = dict[str, np.ndarray]
+LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass
+class TrainTask:
+    """What one training run optimises.
+
+    Attributes:
+      name: run name used in logs ("vae", "dit").
+      model: the NNX module to train (updated in place).
+      loss_fn: ``(model, batch, key) -> (scalar loss, {name: scalar})``, traced under ``jax.jit``.
+      batch_fn: ``step -> batch`` (dict of numpy arrays). Must be deterministic in ``step``.
+      eval_fn: optional ``(model, step) -> {name: float}`` run every ``eval_every`` steps and at the end.
+      meta: JSON-serialisable facts stored with every checkpoint (e.g. the config).
+    """
+
+    name: str
+    model: nnx.Module
+    loss_fn: LossFn
+    batch_fn: Callable[[int], Batch]
+    eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up, cosine decay and global-norm clipping, from a ``train`` config.
+
+    Fields: ``learning_rate``, ``warmup_steps``, ``steps``, ``weight_decay``, ``grad_clip``,
+    ``b1``, ``b2``, ``min_lr_ratio``. Returns the transformation and its learning-rate schedule.
+    """
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=max(1, min(cfg.warmup_steps, cfg.steps - 1)),
+        decay_steps=max(2, cfg.steps),
+        end_value=cfg.learning_rate * cfg.min_lr_ratio,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+    ), schedule
+
+
+def train(
+    task: TrainTask,
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains ``task.model`` for ``cfg.steps`` steps, resuming from ``workdir/checkpoints``.
+
+    Args:
+      task: model, loss and data.
+      cfg: a ``train`` config section (see ``configs/quickstart.py``): steps, learning_rate,
+        warmup_steps, weight_decay, grad_clip, b1, b2, min_lr_ratio, seed, log_every,
+        checkpoint_every, eval_every, max_to_keep.
+      workdir: run folder; checkpoints go to ``checkpoints/``, metrics to ``logs/``.
+      progress: show a tqdm bar.
+
+    Returns:
+      Summary dict: ``steps``, ``resumed_from``, ``final_loss``, ``seconds``, ``steps_per_s``
+      (of this invocation) and the last evaluation's metrics.
+    """
+    tx, schedule = make_optimizer(cfg)
+    optimizer = nnx.Optimizer(task.model, tx, wrt=nnx.Param)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep)
+    start = 0
+    if ckpt.latest_step() is not None:
+        meta = ckpt.restore(task.model, optimizer)
+        start = int(meta["step"])
+        log.info("%s: resumed from step %d (%s)", task.name, start, ckpt.directory)
+    writer = MetricWriter(os.path.join(workdir, "logs"), enabled=jax.process_index() == 0)
+
+    graphdef, state = nnx.split((task.model, optimizer))
+    base_key = jax.random.key(cfg.seed)
+
+    def step_fn(state, batch, step):
+        model, opt = nnx.merge(graphdef, state)
+        key = jax.random.fold_in(base_key, step)
+        (loss, aux), grads = nnx.value_and_grad(
+            lambda m: task.loss_fn(m, batch, key), has_aux=True
+        )(model)
+        opt.update(model, grads)
+        aux = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(step))
+        return nnx.state((model, opt)), aux
+
+    jit_step = jax.jit(step_fn, donate_argnums=(0,))
+    summary: dict[str, Any] = {"resumed_from": start, "steps": cfg.steps}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    pending = pool.submit(task.batch_fn, start) if start < cfg.steps else None
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {task.name}", disable=not progress,
+               dynamic_ncols=True)
+    t0, last_aux, window = time.time(), None, []
+
+    def sync_model():
+        nnx.update((task.model, optimizer), state)
+
+    try:
+        for step in range(start, cfg.steps):
+            batch = pending.result()
+            if step + 1 < cfg.steps:  # prepare the next batch while this step runs
+                pending = pool.submit(task.batch_fn, step + 1)
+            state, aux = jit_step(state, batch, jnp.asarray(step, jnp.int32))
+            window.append(aux)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                host = jax.device_get(window)
+                mean = {k: float(np.mean([a[k] for a in host])) for k in host[-1]}
+                if not np.isfinite(mean["loss"]):
+                    raise FloatingPointError(f"{task.name}: non-finite loss at step {done}: {mean}")
+                writer.write_scalars(done, {f"{task.name}/{k}": v for k, v in mean.items()})
+                bar.set_postfix(loss=f"{mean['loss']:.4f}")
+                last_aux, window = mean, []
+            bar.update(1)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                sync_model()
+                ckpt.save(done, task.model, optimizer, task.meta)
+            if task.eval_fn is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+                sync_model()
+                ev = task.eval_fn(task.model, done)
+                writer.write_scalars(done, {f"{task.name}/eval/{k}": v for k, v in ev.items()})
+                summary["eval"] = ev
+        sync_model()
+    finally:
+        bar.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+        ckpt.close()
+        writer.close()
+    seconds = time.time() - t0
+    ran = cfg.steps - start
+    summary.update(
+        seconds=seconds,
+        steps_per_s=ran / seconds if ran else 0.0,
+        final_metrics=last_aux or {},
+        final_loss=(last_aux or {}).get("loss"),
+    )
+    return summary
