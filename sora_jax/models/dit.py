@@ -1,0 +1,307 @@
+"""Diffusion transformer (DiT) over packed spacetime-patch tokens.
+
+Architecture (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers", with the
+text cross-attention of PixArt-alpha / Wan 2.1 and the 3D RoPE + QK-norm of Open-Sora 2.0):
+
+  tokens (B, L, in_dim) --Linear--> x (B, L, hidden)
+  c = TimestepMLP(sinusoid(1000 t)) + Linear(mean of the segment's text)   (B, L, hidden)
+  depth x block:
+      x += gate1 * SelfAttn(modulate(LN(x), shift1, scale1))     RMS QK-norm, 3D RoPE,
+                                                                  segment mask
+      x += CrossAttn(LN_affine(x), text)                         same-segment text + null
+      x += gate2 * MLP(modulate(LN(x), shift2, scale2))
+      (shift, scale, gate) x 2 = Linear_zero(SiLU(c))            adaLN-Zero, per token
+  out = Linear_zero(modulate(LN(x), shift, scale))               (B, L, in_dim) velocity
+
+Everything but attention acts per token, and attention is masked to the token's own
+segment (NaViT, Dehghani et al. 2023), so a packed row computes exactly what each of its
+examples would alone. Timesteps are per token, so conditioning frames (t = 0) and noisy
+frames can share a sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax.models.attention import dot_product_attention
+from sora_jax.models.layers import (MLP, AdaLNModulation, RMSNorm, TimestepEmbedder,
+                                    apply_rope, default_rope_axes_dims, dense, layer_norm,
+                                    modulate, rope_cos_sin)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention with RMS QK-norm and 3D RoPE over packed segments.
+
+    Call: x (B, L, hidden), cos/sin (B, L, Dh), segment_ids (B, L) -> (B, L, hidden).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, *, qk_norm: bool = True,
+                 backend: str = "xla", rngs: nnx.Rngs, dtype=None):
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.backend = backend
+        self.qkv = dense(hidden_size, 3 * hidden_size, dtype=dtype, rngs=rngs)
+        self.proj = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
+
+    def __call__(self, x, cos, sin, segment_ids):
+        b, l, _ = x.shape
+        q, k, v = jnp.split(self.qkv(x).reshape(b, l, 3 * self.num_heads, self.head_dim), 3,
+                            axis=2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        # RoPE after the norm (as Flux / SD3.5): the norm would otherwise rescale the
+        # rotated pairs and the rotation must act on what enters the dot product.
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = dot_product_attention(q, k, v, q_segment_ids=segment_ids,
+                                  kv_segment_ids=segment_ids, backend=self.backend)
+        return self.proj(o.reshape(b, l, -1))
+
+
+class CrossAttention(nnx.Module):
+    """Cross-attention from latent tokens to the text tokens of their own segment.
+
+    One learned null token (in model width, projected by the same k/v maps and k-norm as
+    real text) is visible to every query. Without it, a token whose segment has no text
+    (caption dropout; the unconditional branch of classifier-free guidance, Ho & Salimans
+    2022) would have an empty softmax; with it, "no text" is a learned, defined state.
+
+    Call: x (B, L, hidden), text (B, Lt, hidden), segment_ids (B, L),
+    text_segment_ids (B, Lt) -> (B, L, hidden).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, *, qk_norm: bool = True,
+                 backend: str = "xla", rngs: nnx.Rngs, dtype=None):
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.backend = backend
+        self.q = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs)
+        self.kv = dense(hidden_size, 2 * hidden_size, dtype=dtype, rngs=rngs)
+        self.proj = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.null_token = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (hidden_size,), jnp.float32))
+
+    def __call__(self, x, text, segment_ids, text_segment_ids):
+        b, l, _ = x.shape
+        null = jnp.broadcast_to(self.null_token[...].astype(text.dtype), (b, 1, text.shape[-1]))
+        ctx = jnp.concatenate([null, text], axis=1)  # (B, 1 + Lt, hidden)
+        lk = ctx.shape[1]
+        q = self.q(x).reshape(b, l, self.num_heads, self.head_dim)
+        k, v = jnp.split(self.kv(ctx).reshape(b, lk, 2 * self.num_heads, self.head_dim), 2,
+                         axis=2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        kv_seg = jnp.concatenate(
+            [jnp.zeros((b, 1), text_segment_ids.dtype), text_segment_ids], axis=1)
+        always = jnp.zeros((b, lk), bool).at[:, 0].set(True)
+        o = dot_product_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
+                                  kv_always_visible=always, backend=self.backend)
+        return self.proj(o.reshape(b, l, -1))
+
+
+class DiTBlock(nnx.Module):
+    """One adaLN-Zero transformer block with self-attention, cross-attention and MLP.
+
+    The cross-attention residual is ungated (as PixArt-alpha): text must influence the
+    output from step 0, and the block still starts as the identity on the self-attention
+    and MLP branches, whose gates are zero-initialised (Peebles & Xie 2023 §3.2).
+
+    Call: x (B, L, hidden), c (B, L, hidden), cos/sin (B, L, Dh), segment_ids (B, L),
+    text (B, Lt, hidden), text_segment_ids (B, Lt) -> (B, L, hidden).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, *, mlp_ratio: float = 4.0,
+                 qk_norm: bool = True, backend: str = "xla", rngs: nnx.Rngs, dtype=None):
+        self.norm1 = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
+        self.attn = SelfAttention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend,
+                                  rngs=rngs, dtype=dtype)
+        self.norm_cross = layer_norm(hidden_size, affine=True, rngs=rngs, dtype=dtype)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm,
+                                         backend=backend, rngs=rngs, dtype=dtype)
+        self.norm2 = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
+        self.mlp = MLP(hidden_size, int(hidden_size * mlp_ratio), rngs=rngs, dtype=dtype)
+        self.adaln = AdaLNModulation(hidden_size, hidden_size, 6, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x, c, cos, sin, segment_ids, text, text_segment_ids):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin,
+                                  segment_ids)
+        x = x + self.cross_attn(self.norm_cross(x), text, segment_ids, text_segment_ids)
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+def _apply_block(block: DiTBlock, *args):
+    # Module-level function: nnx.remat refuses bound methods.
+    return block(*args)
+
+
+class FinalLayer(nnx.Module):
+    """adaLN (shift, scale) then Linear(hidden -> out_dim); both zero-initialised, so a
+    fresh model predicts exactly 0 (DiT)."""
+
+    def __init__(self, hidden_size: int, out_dim: int, *, rngs: nnx.Rngs, dtype=None):
+        self.norm = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
+        self.adaln = AdaLNModulation(hidden_size, hidden_size, 2, rngs=rngs, dtype=dtype)
+        self.linear = dense(hidden_size, out_dim, zero=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, c):
+        shift, scale = self.adaln(c)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+def segment_mean_text(text: jax.Array, segment_ids: jax.Array,
+                      text_segment_ids: jax.Array) -> jax.Array:
+    """Mean of each token's own-segment text tokens.
+
+    Args:
+      text: (B, Lt, D) text states.
+      segment_ids: (B, L) latent segment ids (0 = padding).
+      text_segment_ids: (B, Lt) text segment ids (0 = padding or dropped).
+
+    Returns:
+      (B, L, D) float: for token (b, i) the mean of text[b, j] over j with
+      text_segment_ids[b, j] == segment_ids[b, i] != 0; zeros when there is no such j.
+    """
+    match = ((segment_ids[:, :, None] == text_segment_ids[:, None, :])
+             & (segment_ids != 0)[:, :, None]).astype(text.dtype)  # (B, L, Lt)
+    count = jnp.sum(match, axis=-1, keepdims=True)
+    w = match / jnp.maximum(count, 1.0)
+    return jnp.einsum("blj,bjd->bld", w, text)
+
+
+class DiT(nnx.Module):
+    """Diffusion transformer predicting rectified-flow velocity for packed tokens.
+
+    Args:
+      in_dim: token width pt*ph*pw*c (input and output).
+      hidden_size, depth, num_heads, mlp_ratio: transformer shape.
+      text_dim: width of the text-encoder states (384 for all-MiniLM-L6-v2).
+      qk_norm: RMS-normalise queries and keys per head (learned scale).
+      rope_axes_dims: split of head_dim over RoPE axes (t, h, w); default
+        :func:`default_rope_axes_dims`.
+      rope_theta: RoPE base.
+      attention_backend: "xla" (reference, any device) or "cudnn" (GPU).
+      remat: rematerialise each block in the backward pass (``nnx.remat``): less
+        activation memory, about one extra forward of compute.
+      dtype: compute dtype of the linears (None: float32 here); params are float32 and
+        the output is always cast to float32.
+      rngs: NNX random streams.
+
+    Text conditioning: text states are mapped to model width by an MLP (PixArt-alpha's
+    caption projection) for cross-attention, and, as a cheap global signal, the mean of the
+    raw text states of the token's own segment is projected by a Linear and added to the
+    timestep embedding c (zero when the segment has no text, i.e. dropped captions and the
+    CFG unconditional branch see only the timestep).
+
+    Raises:
+      ValueError: if hidden_size % num_heads != 0, or the RoPE split does not sum to the
+        head dimension.
+    """
+
+    def __init__(self, *, in_dim: int, hidden_size: int, depth: int, num_heads: int,
+                 mlp_ratio: float = 4.0, text_dim: int = 384, qk_norm: bool = True,
+                 rope_axes_dims: Sequence[int] | None = None, rope_theta: float = 10000.0,
+                 attention_backend: str = "xla", remat: bool = False, dtype=None,
+                 rngs: nnx.Rngs):
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} not divisible by num_heads {num_heads}")
+        head_dim = hidden_size // num_heads
+        axes = tuple(rope_axes_dims) if rope_axes_dims is not None else default_rope_axes_dims(head_dim)
+        if len(axes) != 3 or sum(axes) != head_dim or any(a % 2 for a in axes):
+            raise ValueError(f"rope_axes_dims {axes} must be 3 even ints summing to "
+                             f"head_dim {head_dim}")
+        self.in_dim, self.hidden_size, self.depth = in_dim, hidden_size, depth
+        self.num_heads, self.text_dim = num_heads, text_dim
+        self.rope_axes_dims, self.rope_theta = axes, rope_theta
+        self.remat = remat
+        self.x_embed = dense(in_dim, hidden_size, dtype=dtype, rngs=rngs)
+        self.t_embed = TimestepEmbedder(hidden_size, rngs=rngs, dtype=dtype)
+        self.text_embed = MLP(text_dim, hidden_size, out_dim=hidden_size, rngs=rngs, dtype=dtype)
+        self.pooled_text_embed = dense(text_dim, hidden_size, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([
+            DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm,
+                     backend=attention_backend, rngs=rngs, dtype=dtype)
+            for _ in range(depth)])
+        self.final = FinalLayer(hidden_size, in_dim, rngs=rngs, dtype=dtype)
+
+    @classmethod
+    def from_config(cls, cfg: Any, in_dim: int, rngs: nnx.Rngs) -> "DiT":
+        """Builds a DiT from a ConfigDict (or any mapping-like object).
+
+        Required fields: hidden_size, depth, num_heads. Optional: mlp_ratio, qk_norm,
+        text_dim, attention_backend, rope_axes_dims, rope_theta, remat.
+        """
+        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        rope_axes = get("rope_axes_dims", None)
+        return cls(in_dim=in_dim, hidden_size=cfg["hidden_size"], depth=cfg["depth"],
+                   num_heads=cfg["num_heads"], mlp_ratio=get("mlp_ratio", 4.0),
+                   text_dim=get("text_dim", 384), qk_norm=get("qk_norm", True),
+                   rope_axes_dims=tuple(rope_axes) if rope_axes else None,
+                   rope_theta=get("rope_theta", 10000.0),
+                   attention_backend=get("attention_backend", "xla"),
+                   remat=get("remat", False), rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                 timesteps: jax.Array, text: jax.Array,
+                 text_segment_ids: jax.Array) -> jax.Array:
+        """Predicts velocity.
+
+        Args:
+          tokens: (B, L, in_dim) float, noisy latent patches x_t.
+          segment_ids: (B, L) int32, 0 = padding.
+          positions: (B, L, 3) int32 (t, h, w) patch-grid coordinates.
+          timesteps: (B, L) float32 per-token flow time in [0, 1].
+          text: (B, Lt, text_dim) float32 text-encoder states.
+          text_segment_ids: (B, Lt) int32 segment of each text token; 0 = padding / no text.
+
+        Returns:
+          (B, L, in_dim) float32 velocity v = noise - x0. Padding tokens get finite values
+          that carry no meaning.
+        """
+        x = self.x_embed(tokens)
+        c = self.t_embed(timesteps) + self.pooled_text_embed(
+            segment_mean_text(text, segment_ids, text_segment_ids))
+        ctx = self.text_embed(text)
+        cos, sin = rope_cos_sin(positions, self.rope_axes_dims, self.rope_theta)
+        for block in self.blocks:
+            args = (x, c, cos, sin, segment_ids, ctx, text_segment_ids)
+            x = nnx.remat(_apply_block)(block, *args) if self.remat else block(*args)
+        return self.final(x, c).astype(jnp.float32)
+
+
+def dit_param_count(model: nnx.Module) -> int:
+    """Number of scalar parameters (``nnx.Param``) in ``model``."""
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def dit_flops_per_token(*, in_dim: int, hidden_size: int, depth: int, mlp_ratio: float = 4.0,
+                        text_dim: int = 384, seq_len: int, text_len: int) -> float:
+    """Analytic forward FLOPs per latent token (2 per multiply-add; matmuls only).
+
+    Counts the patch / timestep / pooled-text embeddings, per block the qkv, self-attention
+    scores and values over ``seq_len`` keys (an upper bound for packed rows, whose tokens
+    only attend within their segment but are computed dense by the xla backend), output
+    projection, cross-attention q / out (per token) and its k/v + text MLP over
+    ``text_len`` tokens amortised over ``seq_len``, the MLP and adaLN, and the final layer.
+    Training costs about 3x this (forward + backward), 4x with remat.
+    """
+    h, m = hidden_size, int(hidden_size * mlp_ratio)
+    per_block = (2 * h * 3 * h + 2 * 2 * seq_len * h + 2 * h * h  # self-attention
+                 + 2 * h * h + 2 * 2 * (text_len + 1) * h + 2 * h * h  # cross q, scores, out
+                 + 2 * 2 * h * m  # MLP
+                 + 2 * h * 6 * h)  # adaLN
+    per_block += 2 * (text_len + 1) * h * 2 * h / seq_len  # cross k/v, amortised
+    embed = 2 * in_dim * h + 2 * (256 * h + h * h) + 2 * text_dim * h
+    embed += (2 * text_dim * h + 2 * h * h) * text_len / seq_len  # text MLP, amortised
+    final = 2 * h * 2 * h + 2 * h * in_dim
+    return float(embed + depth * per_block + final)

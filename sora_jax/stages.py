@@ -1,0 +1,474 @@
+"""The pipeline's stages, each a function of (config, workdir): what the CLI subcommands run.
+
+A workdir holds everything one run produces::
+
+  config.json          the resolved config
+  data/                ArrayRecord datasets + manifest.json          (prepare-data)
+  vae/                 checkpoints/, logs/, latent_stats.json, eval.json  (train-vae)
+  latents/             encoded training latents + text_states.npz   (encode, run by train-dit)
+  dit/                 checkpoints/, logs/                           (train-dit)
+  samples/, eval/      generated videos and prompt-adherence results (generate, evaluate)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sora_jax import config as config_lib
+
+log = logging.getLogger("sora_jax")
+
+
+class StageError(RuntimeError):
+    """A stage cannot run (missing input, impossible request); the message says what to do."""
+
+
+# ----------------------------------------------------------------------------- paths and models
+
+def paths(workdir: str) -> dict[str, str]:
+    """The standard sub-folders and files of a run folder."""
+    j = lambda *p: os.path.join(workdir, *p)  # noqa: E731
+    return dict(
+        config=j("config.json"), data=j("data"), vae=j("vae"), latents=j("latents"), dit=j("dit"),
+        latent_stats=j("vae", "latent_stats.json"), text_states=j("latents", "text_states.npz"),
+        samples=j("samples"), eval=j("eval"),
+    )
+
+
+def save_config(cfg: ml_collections.ConfigDict, workdir: str):
+    os.makedirs(workdir, exist_ok=True)
+    with open(paths(workdir)["config"], "w") as f:
+        f.write(config_lib.to_json(cfg))
+
+
+def build_vae(cfg: ml_collections.ConfigDict) -> nnx.Module:
+    from sora_jax.models.vae import CausalVAE
+
+    return CausalVAE(**cfg.vae.to_dict(), rngs=nnx.Rngs(cfg.seed))
+
+
+def dit_in_dim(cfg: ml_collections.ConfigDict) -> int:
+    pt, ph, pw = cfg.dit.patch
+    return pt * ph * pw * cfg.vae.latent_channels
+
+
+def build_dit(cfg: ml_collections.ConfigDict) -> nnx.Module:
+    from sora_jax.models.dit import DiT
+
+    return DiT.from_config(cfg.dit, dit_in_dim(cfg), rngs=nnx.Rngs(cfg.seed + 1))
+
+
+def _restore(model: nnx.Module, run_dir: str, what: str) -> int:
+    from sora_jax.train.checkpoint import CheckpointNotFoundError, Checkpointer
+
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    try:
+        meta = ckpt.restore(model)
+    except CheckpointNotFoundError:
+        raise StageError(f"no {what} checkpoint in {run_dir}: run `sora-jax train-{what}` first") from None
+    finally:
+        ckpt.close()
+    return int(meta["step"])
+
+
+def load_codec(cfg: ml_collections.ConfigDict, workdir: str):
+    """The trained VAE with its latent statistics, as a ``VAECodec``."""
+    from sora_jax.latents import VAECodec
+
+    p = paths(workdir)
+    vae = build_vae(cfg)
+    _restore(vae, p["vae"], "vae")
+    codec = VAECodec(vae)
+    codec.load_stats(p["latent_stats"])
+    return codec
+
+
+def _datasets(workdir: str) -> dict[str, str]:
+    manifest = os.path.join(paths(workdir)["data"], "manifest.json")
+    if not os.path.isfile(manifest):
+        raise StageError(f"no datasets in {paths(workdir)['data']}: run `sora-jax prepare-data` first")
+    with open(manifest) as f:
+        names = json.load(f)["datasets"]
+    # relative to this data folder, so a moved or copied run folder still finds its data
+    return {k: os.path.join(paths(workdir)["data"], os.path.basename(v)) for k, v in names.items()}
+
+
+# ----------------------------------------------------------------------------------- stages
+
+def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+    """Builds the offline real-data datasets (Moving MNIST, real clips and photos)."""
+    from data_pipelines.build import build_datasets
+
+    d = cfg.data
+    return build_datasets(
+        paths(workdir)["data"], mnist_train=d.mnist_train, mnist_eval=d.mnist_eval,
+        heldout_prompts=d.heldout_prompts, clips_train=d.clips_train, clips_eval=d.clips_eval,
+        sizes=[tuple(s) for s in d.sizes], durations=list(d.durations), digit_size=d.digit_size,
+        two_digit_prob=d.two_digit_prob, clip_sizes=[tuple(s) for s in d.clip_sizes],
+        clip_durations=list(d.clip_durations), num_shards=d.num_shards, seed=cfg.seed,
+    )
+
+
+def _center_crop(video: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:
+    t, h, w = video.shape[:3]
+    y, x = (h - height) // 2, (w - width) // 2
+    return video[:frames, y : y + height, x : x + width]
+
+
+def evaluate_vae(cfg: ml_collections.ConfigDict, workdir: str, codec=None, max_videos: int = 64) -> dict[str, float]:
+    """PSNR / SSIM of VAE round trips on the held-out sets (never seen in VAE training).
+
+    ``video``: crops of the held-out real clip ``carphone_pristine`` (the multi-frame records of
+    ``real_clips_eval``); ``digits``: Moving MNIST clips of held-out digit instances
+    (``moving_mnist_eval``). Each clip is centre-cropped to the training crop ``vae_train.crop``
+    (T, H, W) so one compiled encode/decode serves all of them.
+    """
+    from data_pipelines.records import read_dataset
+    from sora_jax.evaluation.metrics import psnr, ssim
+
+    codec = codec or load_codec(cfg, workdir)
+    ds = _datasets(workdir)
+    frames, height, width = cfg.vae_train.crop
+    results: dict[str, Any] = {}
+    for key, name in (("video", "real_clips_eval"), ("digits", "moving_mnist_eval")):
+        data = read_dataset(ds[name])
+        clips = []
+        for i in range(len(data)):
+            video = data[i]["video"]
+            if video.shape[0] >= frames and video.shape[1] >= height and video.shape[2] >= width:
+                clips.append(_center_crop(video, frames, height, width))
+            if len(clips) >= max_videos:
+                break
+        psnrs, ssims = [], []
+        for s in range(0, len(clips), 8):
+            x = np.stack(clips[s : s + 8]).astype(np.float32) / 127.5 - 1.0
+            for a, b in zip(codec.reconstruct(x), x):
+                psnrs.append(psnr(a, b))
+                ssims.append(ssim(a, b))
+        results[f"vae_psnr_heldout_{key}"] = float(np.mean(psnrs)) if psnrs else float("nan")
+        results[f"vae_ssim_heldout_{key}"] = float(np.mean(ssims)) if ssims else float("nan")
+        results[f"num_heldout_{key}"] = len(psnrs)
+    results["heldout_video_source"] = "carphone_pristine (never in VAE training)"
+    return results
+
+
+def train_vae(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
+    """Trains the causal VAE, then computes latent statistics and the held-out evaluation."""
+    from sora_jax.data.pipeline import vae_batch_fn
+    from sora_jax.latents import VAECodec, latent_statistics
+    from sora_jax.train.steps import vae_loss_fn
+    from sora_jax.train.trainer import TrainTask, train
+
+    save_config(cfg, workdir)
+    ds = _datasets(workdir)
+    p = paths(workdir)
+    vae = build_vae(cfg)
+    batch_fn = vae_batch_fn({"mnist": ds["moving_mnist_train"], "clips": ds["real_clips_train"]},
+                            cfg.vae_train, cfg.vae_train.seed)
+    task = TrainTask("vae", vae, vae_loss_fn(cfg.vae_loss), batch_fn,
+                     meta={"config": config_lib.to_json(cfg)})
+    summary = train(task, cfg.vae_train, p["vae"], progress=progress)
+    codec = VAECodec(vae)
+    stats_batches = (batch_fn(10_000_000 + i)["video"] for i in range(16))
+    codec.shift, codec.scale = latent_statistics(codec, stats_batches)
+    codec.save_stats(p["latent_stats"])
+    summary["eval"] = evaluate_vae(cfg, workdir, codec)
+    with open(os.path.join(p["vae"], "eval.json"), "w") as f:
+        json.dump(summary["eval"], f, indent=2)
+    log.info("vae held-out: %s", summary["eval"])
+    return summary
+
+
+def _text_encoder(cfg):
+    from sora_jax.models.text_encoder import TextEncoder
+
+    return TextEncoder(max_length=cfg.text.max_length)
+
+
+def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
+    """Encodes Moving MNIST training clips to normalised latents and captions to text states.
+
+    Writes ``latents/latents_train-*.array_record`` (``latent``, ``caption_id``, ``caption``) and
+    ``latents/text_states.npz`` (``captions``, ``states`` (N, Lt, 384), ``masks`` (N, Lt)).
+    Idempotent: skipped when both exist and were made from the current VAE checkpoint.
+    """
+    from data_pipelines.records import read_dataset, write_array_record
+
+    datasets = _datasets(workdir)
+    p = paths(workdir)
+    os.makedirs(p["latents"], exist_ok=True)
+    stamp = os.path.join(p["latents"], "done.json")
+    vae_step = _latest_step(p["vae"])
+    if os.path.isfile(stamp) and json.load(open(stamp)).get("vae_step") == vae_step:
+        return json.load(open(stamp))
+    codec = load_codec(cfg, workdir)
+    src = read_dataset(datasets["moving_mnist_train"])
+    records = [src[i] for i in range(len(src))]
+    captions = sorted({str(r["caption"]) for r in records})
+    cid = {c: i for i, c in enumerate(captions)}
+    states, masks = _text_encoder(cfg).encode(captions, pad_to=cfg.text.max_length)
+    np.savez(p["text_states"], captions=np.asarray(captions), states=states.astype(np.float32),
+             masks=masks.astype(bool))
+    by_shape: dict[tuple, list[int]] = {}
+    for i, r in enumerate(records):
+        by_shape.setdefault(r["video"].shape, []).append(i)
+    latents: list[np.ndarray | None] = [None] * len(records)
+    bs = 32
+    with tqdm(total=len(records), desc="encode latents", disable=not progress) as bar:
+        for shape, idx in sorted(by_shape.items()):
+            for s in range(0, len(idx), bs):
+                chunk = idx[s : s + bs]
+                x = np.stack([records[i]["video"] for i in chunk]).astype(np.float32) / 127.5 - 1.0
+                for i, z in zip(chunk, codec.encode(x)):
+                    latents[i] = z
+                bar.update(len(chunk))
+    prefix = os.path.join(p["latents"], "latents_train")
+    write_array_record(
+        prefix,
+        ({"latent": latents[i].astype(np.float32), "caption_id": np.int32(cid[str(r["caption"])]),
+          "caption": str(r["caption"])} for i, r in enumerate(records)),
+        num_shards=cfg.data.num_shards,
+    )
+    info = {"vae_step": vae_step, "prefix": prefix, "num_examples": len(records),
+            "num_captions": len(captions)}
+    with open(stamp, "w") as f:
+        json.dump(info, f)
+    return info
+
+
+def _latest_step(run_dir: str) -> int | None:
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return None
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]
+    return max(steps) if steps else None
+
+
+def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
+    """Encodes latents (if needed) and trains the DiT with rectified flow on packed batches."""
+    from sora_jax.data.pipeline import dit_batch_fn
+    from sora_jax.train.steps import dit_loss_fn
+    from sora_jax.train.trainer import TrainTask, train
+
+    save_config(cfg, workdir)
+    info = encode_latents(cfg, workdir, progress=progress)
+    p = paths(workdir)
+    text = np.load(p["text_states"])
+    batch_fn = dit_batch_fn(info["prefix"], text["states"], text["masks"], cfg.dit_train,
+                            tuple(cfg.dit.patch), cfg.dit_train.seed)
+    dit = build_dit(cfg)
+    task = TrainTask("dit", dit, dit_loss_fn(cfg.flow), batch_fn,
+                     meta={"config": config_lib.to_json(cfg)})
+    summary = train(task, cfg.dit_train, p["dit"], progress=progress)
+    summary["heldout_loss"] = dit_heldout_loss(cfg, workdir, dit)
+    return summary
+
+
+def dit_heldout_loss(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Module, num_batches: int = 4) -> float:
+    """Mean rectified-flow loss on held-out digit instances (``moving_mnist_eval``), fixed noise."""
+    from data_pipelines.records import read_dataset
+    from sora_jax.data.packing import pack, patchify
+    from sora_jax.diffusion.flow import rectified_flow_loss
+
+    codec = load_codec(cfg, workdir)
+    data = read_dataset(_datasets(workdir)["moving_mnist_eval"])
+    records = [data[i] for i in range(len(data))]
+    states, masks = _text_encoder(cfg).encode([str(r["caption"]) for r in records],
+                                              pad_to=cfg.text.max_length)
+    examples = []
+    for r, s, m in zip(records, states, masks):
+        x = r["video"].astype(np.float32)[None] / 127.5 - 1.0
+        tokens, positions = patchify(codec.encode(x)[0], tuple(cfg.dit.patch))
+        examples.append(dict(tokens=tokens, positions=positions, text=s, text_mask=m))
+    t = cfg.dit_train
+    kwargs = dict(cfg.flow.to_dict(), caption_dropout=0.0)
+    graphdef, state = nnx.split(dit)
+    loss_jit = jax.jit(lambda st, b, k: rectified_flow_loss(nnx.merge(graphdef, st), b, k, **kwargs)[0])
+    losses, k = [], t.examples_per_step
+    for b in range(num_batches):
+        chunk = examples[b * k : (b + 1) * k]
+        if not chunk:
+            break
+        batch, _, _ = pack(chunk, batch_size=t.batch_size, length=t.row_length, text_length=t.text_length)
+        batch = {key: batch[key] for key in ("tokens", "segment_ids", "positions", "timesteps",
+                                             "loss_mask", "text", "text_segment_ids")}
+        losses.append(float(loss_jit(state, batch, jax.random.key(1000 + b))))
+    return float(np.mean(losses))
+
+
+# ------------------------------------------------------------------------------- generation
+
+class Generator:
+    """Text-to-video with the trained VAE, DiT and text encoder of a run folder.
+
+    Args:
+      cfg: the run's config.
+      workdir: the run folder (needs ``vae/`` and ``dit/`` checkpoints).
+    Raises:
+      StageError: a checkpoint is missing.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+        self.cfg = cfg
+        self.codec = load_codec(cfg, workdir)
+        self.dit = build_dit(cfg)
+        self.dit_step = _restore(self.dit, paths(workdir)["dit"], "dit")
+        self.text_encoder = _text_encoder(cfg)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Latent (t, h, w, c) for a pixel request; StageError if the request is impossible."""
+        v, (pt, ph, pw) = self.cfg.vae, self.cfg.dit.patch
+        tds, sds = v.temporal_downsample, v.spatial_downsample
+        if frames < 1 or (frames - 1) % tds:
+            raise StageError(f"impossible frame count {frames}: use 1 + {tds}k frames (1, {1 + tds}, {1 + 2 * tds}, ...)")
+        if height % (sds * ph) or width % (sds * pw) or height <= 0 or width <= 0:
+            raise StageError(f"impossible size {height}x{width}: height must be a multiple of {sds * ph} "
+                             f"and width of {sds * pw}")
+        t = 1 + (frames - 1) // tds
+        if t % pt:
+            raise StageError(f"{frames} frames give {t} latent frames, not divisible by patch {pt}")
+        return t, height // sds, width // sds, v.latent_channels
+
+    def __call__(self, prompts: list[str], *, frames: int, height: int, width: int, seed: int,
+                 guidance: float, steps: int) -> list[np.ndarray]:
+        """Generates one uint8 video (frames, height, width, 3) per prompt.
+
+        All requests are packed into shared rows and denoised in one sampler call (Euler, CFG).
+        """
+        from sora_jax.data.packing import pack, patchify, unpack, unpatchify
+        from sora_jax.diffusion.flow import time_shift_for_tokens
+        from sora_jax.diffusion.samplers import euler_sample
+
+        import jax.numpy as jnp
+
+        shape = self.latent_shape(frames, height, width)
+        patch = tuple(self.cfg.dit.patch)
+        states, masks = self.text_encoder.encode(list(prompts), pad_to=self.cfg.text.max_length)
+        examples, grids = [], []
+        for i in range(len(prompts)):
+            noise = np.random.default_rng([seed, i]).standard_normal(shape).astype(np.float32)
+            tokens, positions = patchify(noise, patch)
+            examples.append(dict(tokens=tokens, positions=positions, text=states[i], text_mask=masks[i]))
+            grids.append((shape[0] // patch[0], shape[1] // patch[1], shape[2] // patch[2]))
+        n = examples[0]["tokens"].shape[0]
+        t = self.cfg.dit_train
+        length = max(t.row_length, -(-n // 64) * 64)
+        per_row = max(1, min(length // n, t.text_length // self.cfg.text.max_length))
+        rows = -(-len(examples) // per_row)
+        batch, placements, dropped = pack(examples, batch_size=rows, length=length,
+                                          text_length=per_row * self.cfg.text.max_length)
+        if dropped:
+            raise StageError(f"internal: {dropped} requests did not fit the sampler rows")
+        f = self.cfg.flow
+        shift = np.where(batch["segment_ids"] > 0, time_shift_for_tokens(n, f.base_tokens, f.max_shift), 1.0)
+        out = euler_sample(
+            self.dit, noise=jnp.asarray(batch["tokens"]), segment_ids=jnp.asarray(batch["segment_ids"]),
+            positions=jnp.asarray(batch["positions"]), text=jnp.asarray(batch["text"]),
+            text_segment_ids=jnp.asarray(batch["text_segment_ids"]),
+            guidance_scale=jnp.asarray(guidance, jnp.float32), num_steps=int(steps),
+            shift=jnp.asarray(shift, jnp.float32),
+        )
+        tokens = unpack(np.asarray(out), placements)
+        latents = np.stack([unpatchify(tk, g, patch, shape[3]) for tk, g in zip(tokens, grids)])
+        videos = []
+        for s in range(0, len(latents), 8):
+            videos.extend(self.codec.decode(latents[s : s + 8]))
+        return [((v + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8) for v in videos]
+
+
+def write_samples(out_dir: str, prompts: list[str], videos: list[np.ndarray], info: dict[str, Any],
+                  fps: int = 8) -> list[dict[str, str]]:
+    """Writes ``sample_XX.mp4`` per video, ``contact_sheet.png`` and ``samples.json``."""
+    from sora_jax.io import write_contact_sheet, write_json, write_mp4
+
+    os.makedirs(out_dir, exist_ok=True)
+    samples = []
+    scale = max(1, 128 // max(videos[0].shape[1:3]))
+    for i, (prompt, video) in enumerate(zip(prompts, videos)):
+        path = os.path.join(out_dir, f"sample_{i:02d}.mp4")
+        write_mp4(path, video, fps=fps, scale=scale, metadata={"prompt": prompt, **{k: str(v) for k, v in info.items()}})
+        samples.append({"prompt": prompt, "path": path})
+    write_contact_sheet(os.path.join(out_dir, "contact_sheet.png"), videos, labels=list(prompts),
+                        scale=max(1, scale // 2))
+    write_json(os.path.join(out_dir, "samples.json"), dict(info, samples=samples))
+    return samples
+
+
+def heldout_prompts(cfg: ml_collections.ConfigDict, workdir: str, limit: int) -> list[str]:
+    """Captions of held-out digit/motion combinations on held-out digit instances (single digit)."""
+    from data_pipelines.records import read_dataset
+
+    data = read_dataset(_datasets(workdir)["moving_mnist_heldout_prompts"])
+    captions = [str(data[i]["caption"]) for i in range(len(data))]
+    return captions[:limit]
+
+
+def evaluate(cfg: ml_collections.ConfigDict, workdir: str, generator: Generator | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Prompt adherence on held-out prompts: digit and direction accuracy of generated samples."""
+    from sora_jax.evaluation.digits import evaluate_samples
+
+    gen = generator or Generator(cfg, workdir)
+    s, e = cfg.sample, cfg.evaluate
+    prompts = heldout_prompts(cfg, workdir, e.num_samples)
+    videos = []
+    for i in tqdm(range(0, len(prompts), e.batch), desc="evaluate", disable=not progress):
+        videos += gen(prompts[i : i + e.batch], frames=s.frames, height=s.height, width=s.width,
+                      seed=s.seed + i, guidance=s.cfg, steps=s.steps)
+    result = evaluate_samples(videos, prompts)
+    out = paths(workdir)["eval"]
+    info = {"checkpoint_step": gen.dit_step, "seed": s.seed, "cfg": s.cfg, "steps": s.steps}
+    result["samples"] = write_samples(out, prompts[:8], videos[:8], info, fps=s.fps)
+    from sora_jax.io import write_json
+
+    write_json(os.path.join(out, "evaluate.json"), result)
+    return result
+
+
+def quickstart(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
+    """Every stage in order; writes ``<workdir>/quickstart_metrics.json``."""
+    from sora_jax.io import write_json
+
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *args, **kwargs):
+        t0 = time.time()
+        log.info("== stage %s ==", name)
+        out = fn(*args, **kwargs)
+        timings[name] = round(time.time() - t0, 1)
+        log.info("== stage %s done in %.1f s ==", name, timings[name])
+        return out
+
+    save_config(cfg, workdir)
+    timed("prepare_data", prepare_data, cfg, workdir)
+    vae = timed("train_vae", train_vae, cfg, workdir, progress)
+    dit = timed("train_dit", train_dit, cfg, workdir, progress)
+    gen = Generator(cfg, workdir)
+    ev = timed("evaluate", evaluate, cfg, workdir, gen, progress)
+    metrics = {
+        "vae_psnr_heldout_video": vae["eval"]["vae_psnr_heldout_video"],
+        "vae_ssim_heldout_video": vae["eval"]["vae_ssim_heldout_video"],
+        "vae_psnr_heldout_digits": vae["eval"]["vae_psnr_heldout_digits"],
+        "vae_ssim_heldout_digits": vae["eval"]["vae_ssim_heldout_digits"],
+        "dit_heldout_loss": dit["heldout_loss"],
+        "dit_final_train_loss": dit.get("final_loss"),
+        "digit_accuracy": ev["digit_accuracy"],
+        "direction_accuracy": ev["direction_accuracy"],
+        "num_eval_samples": ev["num_samples"],
+        "samples": ev["samples"],
+        "stage_seconds": timings,
+        "total_seconds": round(sum(timings.values()), 1),
+        "config": cfg.name,
+    }
+    write_json(os.path.join(workdir, "quickstart_metrics.json"), metrics)
+    return metrics
