@@ -1,0 +1,81 @@
+"""Train-step wall time of the VAE and the DiT for a config, on whatever device JAX sees.
+
+Prints JSON: ``vae_step_s``, ``dit_step_s`` (median of timed steps after one compile step),
+``vae_params``, ``dit_params``, the batch shapes, and the device.
+
+  python benchmarks/step_time.py --config configs/quickstart.py [--steps 5] [--config.a.b=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+
+def _time_step(model, loss_fn, batch, steps):
+    opt = nnx.Optimizer(model, optax.adam(1e-4), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, opt))
+
+    @jax.jit
+    def step(state, batch, key):
+        m, o = nnx.merge(graphdef, state)
+        (loss, _), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch, key), has_aux=True)(m)
+        o.update(m, grads)
+        return nnx.state((m, o)), loss
+
+    t0 = time.perf_counter()
+    state, loss = step(state, batch, jax.random.key(0))
+    loss.block_until_ready()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        state, loss = step(state, batch, jax.random.key(i + 1))
+        loss.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return float(np.median(times)), compile_s, int(params)
+
+
+def main():
+    from sora_jax import config as config_lib
+    from sora_jax.stages import build_dit, build_vae, dit_in_dim
+    from sora_jax.train.steps import dit_loss_fn, vae_loss_fn
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/quickstart.py")
+    p.add_argument("--steps", type=int, default=5)
+    args, rest = p.parse_known_args()
+    cfg = config_lib.apply_overrides(config_lib.load_config(args.config),
+                                     [a[len("--config."):] for a in rest if a.startswith("--config.")])
+    rng = np.random.default_rng(0)
+    t, h, w = cfg.vae_train.crop
+    video = rng.uniform(-1, 1, (cfg.vae_train.batch_size, t, h, w, 3)).astype(np.float32)
+    vae_s, vae_c, vae_p = _time_step(build_vae(cfg), vae_loss_fn(cfg.vae_loss), {"video": video}, args.steps)
+
+    d = cfg.dit_train
+    b, l, lt, per_row = d.batch_size, d.row_length, d.text_length, max(1, d.examples_per_step // d.batch_size)
+    seg = (np.arange(l) * per_row // l + 1)[None].repeat(b, 0).astype(np.int32)
+    tseg = (np.arange(lt) * per_row // lt + 1)[None].repeat(b, 0).astype(np.int32)
+    batch = dict(tokens=rng.standard_normal((b, l, dit_in_dim(cfg))).astype(np.float32), segment_ids=seg,
+                 positions=rng.integers(0, 8, (b, l, 3)).astype(np.int32), timesteps=np.zeros((b, l), np.float32),
+                 loss_mask=np.ones((b, l), np.float32), text=rng.standard_normal((b, lt, 384)).astype(np.float32),
+                 text_segment_ids=tseg)
+    dit_s, dit_c, dit_p = _time_step(build_dit(cfg), dit_loss_fn(cfg.flow), batch, args.steps)
+    print(json.dumps({
+        "config": args.config, "device": str(jax.devices()[0]),
+        "vae_step_s": round(vae_s, 4), "vae_compile_s": round(vae_c, 2), "vae_params": vae_p,
+        "vae_batch": list(video.shape),
+        "dit_step_s": round(dit_s, 4), "dit_compile_s": round(dit_c, 2), "dit_params": dit_p,
+        "dit_batch": [b, l, lt], "dit_tokens_per_s": round(b * l / dit_s, 1),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
