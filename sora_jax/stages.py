@@ -130,15 +130,15 @@ def evaluate_vae(cfg: ml_collections.ConfigDict, workdir: str, codec=None, max_v
 
     ``video``: crops of the held-out real clip ``carphone_pristine`` (the multi-frame records of
     ``real_clips_eval``); ``digits``: Moving MNIST clips of held-out digit instances
-    (``moving_mnist_eval``). Each clip is centre-cropped to the training crop ``vae_train.crop``
-    (T, H, W) so one compiled encode/decode serves all of them.
+    (``moving_mnist_eval``). Each clip is centre-cropped to the generation size (``sample.frames``,
+    ``sample.height``, ``sample.width``), so one compiled encode/decode serves all of them.
     """
     from data_pipelines.records import read_dataset
     from sora_jax.evaluation.metrics import psnr, ssim
 
     codec = codec or load_codec(cfg, workdir)
     ds = _datasets(workdir)
-    frames, height, width = cfg.vae_train.crop
+    frames, height, width = cfg.sample.frames, cfg.sample.height, cfg.sample.width
     results: dict[str, Any] = {}
     for key, name in (("video", "real_clips_eval"), ("digits", "moving_mnist_eval")):
         data = read_dataset(ds[name])

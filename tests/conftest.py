@@ -6,6 +6,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pathlib
 
+import jax
 import pytest
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
@@ -16,3 +17,16 @@ def shared_dir() -> pathlib.Path:
     """The team's shared folder (fixtures, design), beside the checkout."""
     env = os.environ.get("SORA_JAX_SHARED")
     return pathlib.Path(env) if env else SHARED
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cheap_compiles():
+    """Tests check semantics, not speed: skip XLA's expensive CPU optimisation passes.
+
+    Compiling dominates this suite's time on a small CPU, and these passes make it about 3x
+    slower; numerics stay within float tolerance of the optimised build.
+    """
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)

@@ -76,3 +76,26 @@ def test_generate_without_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_train_dit_without_data_is_a_clear_error(tmp_path, capsys):
     code = run(["train-dit", *TINY, "--workdir", str(tmp_path / "none")])
     assert code == 2 and "prepare-data" in capsys.readouterr().err
+
+
+def test_dit_batches_are_deterministic_and_pack_images_with_videos(trained_run):
+    from sora_jax import config as config_lib
+    from sora_jax.data.pipeline import dit_batch_fn
+    from sora_jax.stages import paths
+
+    cfg = config_lib.from_json(open(paths(trained_run)["config"]).read())
+    text = np.load(paths(trained_run)["text_states"])
+    make = lambda: dit_batch_fn(os.path.join(paths(trained_run)["latents"], "latents_train"),  # noqa: E731
+                                text["states"], text["masks"], cfg.dit_train, tuple(cfg.dit.patch), seed=0)
+    a, b = make()(5), make()(5)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["tokens"], make()(6)["tokens"])
+    # over a few steps, some row holds a 1-latent-frame example (an image) next to a video
+    mixed = False
+    for step in range(8):
+        batch = make()(step)
+        for row_seg, row_pos in zip(batch["segment_ids"], batch["positions"]):
+            frames = {int(s): int(row_pos[row_seg == s, 0].max()) + 1 for s in set(row_seg.tolist()) - {0}}
+            mixed |= len(set(frames.values())) > 1
+    assert mixed

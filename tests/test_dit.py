@@ -17,16 +17,6 @@ TEXT_DIM = 16
 CALL_KEYS = ("tokens", "segment_ids", "positions", "timesteps", "text", "text_segment_ids")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cheap_compiles():
-    """These tests check semantics, not speed: skip XLA's expensive CPU passes (3x faster
-    compiles on a small CPU), and restore the flag for other modules."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-
-
 @pytest.fixture(scope="module")
 def tiny_dit():
     return DiT(in_dim=8, hidden_size=32, depth=2, num_heads=2, text_dim=TEXT_DIM,

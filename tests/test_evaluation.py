@@ -107,7 +107,7 @@ def test_mnist_splits():
     assert train_x.dtype == np.uint8
     np.testing.assert_array_equal(np.bincount(train_y), [400] * 10)
     np.testing.assert_array_equal(np.bincount(eval_y), [100] * 10)
-    all_x, all_y = digits._load_mnist_csv()
+    all_x, all_y = digits.load_mnist()
     for c in (0, 9):  # per class: train then eval is the whole class in csv order
         np.testing.assert_array_equal(np.concatenate([train_x[train_y == c], eval_x[eval_y == c]]), all_x[all_y == c])
     with pytest.raises(ValueError):

@@ -18,16 +18,6 @@ from sora_jax.models.dit import DiT
 TEXT_DIM = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cheap_compiles():
-    """These tests check semantics, not speed: skip XLA's expensive CPU passes (3x faster
-    compiles on a small CPU), and restore the flag for other modules."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-
-
 def test_interpolation_endpoints_and_velocity():
     rng = np.random.default_rng(0)
     x0, noise = rng.normal(size=(2, 2, 3, 4)).astype(np.float32)

