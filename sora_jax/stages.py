@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -209,8 +210,11 @@ def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool 
     os.makedirs(p["latents"], exist_ok=True)
     stamp = os.path.join(p["latents"], "done.json")
     vae_step = _latest_step(p["vae"])
-    if os.path.isfile(stamp) and json.load(open(stamp)).get("vae_step") == vae_step:
-        return json.load(open(stamp))
+    if os.path.isfile(stamp):
+        with open(stamp) as f:
+            done = json.load(f)
+        if done.get("vae_step") == vae_step:
+            return done
     codec = load_codec(cfg, workdir)
     src = read_dataset(datasets["moving_mnist_train"])
     records = [src[i] for i in range(len(src))]
@@ -278,6 +282,7 @@ def dit_heldout_loss(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Modu
     """Mean rectified-flow loss on held-out digit instances (``moving_mnist_eval``), fixed noise."""
     from data_pipelines.records import read_dataset
     from sora_jax.data.packing import pack, patchify
+    from sora_jax.data.pipeline import PACKED_KEYS
     from sora_jax.diffusion.flow import rectified_flow_loss
 
     codec = load_codec(cfg, workdir)
@@ -300,8 +305,7 @@ def dit_heldout_loss(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Modu
         if not chunk:
             break
         batch, _, _ = pack(chunk, batch_size=t.batch_size, length=t.row_length, text_length=t.text_length)
-        batch = {key: batch[key] for key in ("tokens", "segment_ids", "positions", "timesteps",
-                                             "loss_mask", "text", "text_segment_ids")}
+        batch = {key: batch[key] for key in PACKED_KEYS}
         losses.append(float(loss_jit(state, batch, jax.random.key(1000 + b))))
     return float(np.mean(losses))
 
@@ -348,8 +352,6 @@ class Generator:
         from sora_jax.data.packing import pack, patchify, unpack, unpatchify
         from sora_jax.diffusion.flow import time_shift_for_tokens
         from sora_jax.diffusion.samplers import euler_sample
-
-        import jax.numpy as jnp
 
         shape = self.latent_shape(frames, height, width)
         patch = tuple(self.cfg.dit.patch)
@@ -417,6 +419,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, generator: Generator 
              progress: bool = True) -> dict[str, Any]:
     """Prompt adherence on held-out prompts: digit and direction accuracy of generated samples."""
     from sora_jax.evaluation.digits import evaluate_samples
+    from sora_jax.io import write_json
 
     gen = generator or Generator(cfg, workdir)
     s, e = cfg.sample, cfg.evaluate
@@ -429,8 +432,6 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, generator: Generator 
     out = paths(workdir)["eval"]
     info = {"checkpoint_step": gen.dit_step, "seed": s.seed, "cfg": s.cfg, "steps": s.steps}
     result["samples"] = write_samples(out, prompts[:8], videos[:8], info, fps=s.fps)
-    from sora_jax.io import write_json
-
     write_json(os.path.join(out, "evaluate.json"), result)
     return result
 

@@ -86,8 +86,10 @@ def test_mpeg4_fallback_when_libx264_missing(tmp_path, monkeypatch):
 
 def test_explicit_codec_does_not_warn(tmp_path):
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        io.write_mp4(tmp_path / "e.mp4", _smooth_video(t=2), codec="mpeg4")
+        warnings.simplefilter("error")  # any warning fails the test
+        path = io.write_mp4(tmp_path / "e.mp4", _smooth_video(t=2), codec="mpeg4")
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].codec_context.name == "mpeg4"
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated", "empty"])
