@@ -42,6 +42,7 @@ def paths(workdir: str) -> dict[str, str]:
     return dict(
         config=j("config.json"), data=j("data"), vae=j("vae"), latents=j("latents"), dit=j("dit"),
         latent_stats=j("vae", "latent_stats.json"), text_states=j("latents", "text_states.npz"),
+        latents_train=j("latents", "latents_train"),
         samples=j("samples"), eval=j("eval"),
     )
 
@@ -236,15 +237,13 @@ def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool 
                 for i, z in zip(chunk, codec.encode(x)):
                     latents[i] = z
                 bar.update(len(chunk))
-    prefix = os.path.join(p["latents"], "latents_train")
     write_array_record(
-        prefix,
+        p["latents_train"],
         ({"latent": latents[i].astype(np.float32), "caption_id": np.int32(cid[str(r["caption"])]),
           "caption": str(r["caption"])} for i, r in enumerate(records)),
         num_shards=cfg.data.num_shards,
     )
-    info = {"vae_step": vae_step, "prefix": prefix, "num_examples": len(records),
-            "num_captions": len(captions)}
+    info = {"vae_step": vae_step, "num_examples": len(records), "num_captions": len(captions)}
     with open(stamp, "w") as f:
         json.dump(info, f)
     return info
@@ -265,10 +264,10 @@ def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     from sora_jax.train.trainer import TrainTask, train
 
     save_config(cfg, workdir)
-    info = encode_latents(cfg, workdir, progress=progress)
+    encode_latents(cfg, workdir, progress=progress)
     p = paths(workdir)
     text = np.load(p["text_states"])
-    batch_fn = dit_batch_fn(info["prefix"], text["states"], text["masks"], cfg.dit_train,
+    batch_fn = dit_batch_fn(p["latents_train"], text["states"], text["masks"], cfg.dit_train,
                             tuple(cfg.dit.patch), cfg.dit_train.seed)
     dit = build_dit(cfg)
     task = TrainTask("dit", dit, dit_loss_fn(cfg.flow), batch_fn,

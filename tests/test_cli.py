@@ -85,7 +85,7 @@ def test_dit_batches_are_deterministic_and_pack_images_with_videos(trained_run):
 
     cfg = config_lib.from_json(open(paths(trained_run)["config"]).read())
     text = np.load(paths(trained_run)["text_states"])
-    make = lambda: dit_batch_fn(os.path.join(paths(trained_run)["latents"], "latents_train"),  # noqa: E731
+    make = lambda: dit_batch_fn(paths(trained_run)["latents_train"],  # noqa: E731
                                 text["states"], text["masks"], cfg.dit_train, tuple(cfg.dit.patch), seed=0)
     a, b = make()(5), make()(5)
     for k in a:
@@ -99,3 +99,15 @@ def test_dit_batches_are_deterministic_and_pack_images_with_videos(trained_run):
             frames = {int(s): int(row_pos[row_seg == s, 0].max()) + 1 for s in set(row_seg.tolist()) - {0}}
             mixed |= len(set(frames.values())) > 1
     assert mixed
+
+
+def test_a_moved_run_folder_still_works(trained_run, tmp_path, capsys):
+    import shutil
+
+    moved = str(tmp_path / "moved")
+    shutil.copytree(trained_run, moved)
+    assert run(["train-dit", *TINY, "--workdir", moved]) == 0  # finds its data and latents
+    assert json.loads(capsys.readouterr().out)["resumed_from"] == 3
+    assert run(["generate", "--workdir", moved, "--prompt", "the digit 7 moves up", "--frames", "1",
+                "--steps", "1", "--no-progress"]) == 0
+    assert os.path.isfile(os.path.join(moved, "samples", "sample_00.mp4"))
