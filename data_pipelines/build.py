@@ -95,9 +95,10 @@ def load_manifest(out_dir: str) -> Optional[dict]:
 
 def _complete(out_dir: str, manifest: dict, prefixes: dict[str, str]) -> bool:
     for name in DATASETS:
-        # A moved or copied output folder has stale absolute prefixes: rebuild rather than point
-        # readers at the old place.
-        if manifest.get("datasets", {}).get(name) != prefixes[name]:
+        # Compare names, not absolute prefixes: a moved or copied run folder stays complete
+        # (readers re-root the names under their own data folder).
+        recorded = manifest.get("datasets", {}).get(name)
+        if recorded is None or os.path.basename(recorded) != os.path.basename(prefixes[name]):
             return False
         try:
             meta = records.read_meta(prefixes[name])

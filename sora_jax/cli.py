@@ -52,15 +52,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(args, overrides):
     from sora_jax import config as config_lib
+    from sora_jax import stages
+    from sora_jax.config import ConfigError
     from sora_jax.stages import paths
 
     run_config = paths(args.workdir)["config"] if args.workdir else None
-    if args.config is None and args.command in ("generate", "evaluate") and run_config and os.path.isfile(run_config):
-        with open(run_config) as f:  # a trained run's own config, so the architecture matches
-            cfg = config_lib.from_json(f.read())
+    if args.config is None and run_config and os.path.isfile(run_config):
+        # an existing run continues with its own config, so data and architecture match
+        try:
+            with open(run_config) as f:
+                cfg = config_lib.from_json(f.read())
+        except ValueError as e:
+            raise ConfigError(f"unreadable run config {run_config}: {e}") from None
     else:
         cfg = config_lib.load_config(args.config or _default_config_path())
     cfg = config_lib.apply_overrides(cfg, overrides)
+    stages.validate_config(cfg)
     if args.workdir is None:
         args.workdir = os.path.join("runs", cfg.name)
     return cfg
@@ -90,7 +97,7 @@ def run(argv: list[str] | None = None) -> int:
         progress = not args.no_progress
         wd = args.workdir
         if args.command == "prepare-data":
-            out = stages.prepare_data(cfg, wd)
+            out = stages.prepare_data(cfg, wd, progress)
         elif args.command == "train-vae":
             out = stages.train_vae(cfg, wd, progress)
         elif args.command == "train-dit":
@@ -105,6 +112,9 @@ def run(argv: list[str] | None = None) -> int:
             out = {k: v for k, v in out.items() if k != "samples"}
     except (stages.StageError, ConfigError, FileNotFoundError) as e:
         print(f"sora-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input met mid-stage: one line, no traceback
+        print(f"sora-jax {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     import json
 
@@ -126,8 +136,8 @@ def _generate(cfg, args) -> dict:
     steps = args.steps if args.steps is not None else s.steps
     if steps < 1:
         raise stages.StageError(f"--steps must be >= 1, got {steps}")
+    stages.latent_shape(cfg, frames, height, width)  # fail before loading anything
     gen = stages.Generator(cfg, args.workdir)
-    gen.latent_shape(frames, height, width)  # fail before any work on an impossible request
     videos = gen(args.prompt, frames=frames, height=height, width=width, seed=seed,
                  guidance=guidance, steps=steps)
     info = {

@@ -35,7 +35,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     name = f"_sora_config_{abs(hash(os.path.abspath(path)))}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a config file is user code: report where it broke, in one line
+        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config()")
     return module.get_config(arg or None)
@@ -61,10 +64,10 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_
         *parents, leaf = key.split(".")
         node = cfg
         for i, part in enumerate(parents):
-            if part not in node:
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 raise ConfigError(f"unknown config key '{'.'.join(parents[: i + 1])}'")
             node = node[part]
-        if leaf not in node:
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
             raise ConfigError(f"unknown config key '{key}'")
         value = _parse_value(text)
         current = node[leaf]

@@ -12,6 +12,7 @@ A workdir holds everything one run produces::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sora_jax import config as config_lib
+from sora_jax.config import ConfigError
+from sora_jax.io import to_float, to_uint8
 
 log = logging.getLogger("sora_jax")
 
@@ -70,9 +73,64 @@ def build_dit(cfg: ml_collections.ConfigDict) -> nnx.Module:
     return DiT.from_config(cfg.dit, dit_in_dim(cfg), rngs=nnx.Rngs(cfg.seed + 1))
 
 
+def latent_shape(cfg: ml_collections.ConfigDict, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """Latent (t, h, w, c) of a (frames, height, width) pixel video under ``cfg``.
+
+    Raises:
+      StageError: frames is not 1 + 4k (temporal compression), or the size is not a multiple of
+        the VAE's spatial compression times the DiT patch.
+    """
+    v, (pt, ph, pw) = cfg.vae, cfg.dit.patch
+    tds, sds = v.temporal_downsample, v.spatial_downsample
+    if frames < 1 or (frames - 1) % tds:
+        raise StageError(f"impossible frame count {frames}: use 1 + {tds}k frames (1, {1 + tds}, {1 + 2 * tds}, ...)")
+    if height <= 0 or width <= 0 or height % (sds * ph) or width % (sds * pw):
+        raise StageError(f"impossible size {height}x{width}: height must be a multiple of {sds * ph} "
+                         f"and width of {sds * pw}")
+    t = 1 + (frames - 1) // tds
+    if t % pt:
+        raise StageError(f"{frames} frames give {t} latent frames, not divisible by patch {pt}")
+    return t, height // sds, width // sds, v.latent_channels
+
+
+def validate_config(cfg: ml_collections.ConfigDict):
+    """Checks the values that every stage relies on, before any work is done.
+
+    Raises:
+      ConfigError: naming the key whose value cannot work (durations, sizes, crops, row length).
+    """
+    def check(key, frames, height, width):
+        try:
+            return latent_shape(cfg, frames, height, width)
+        except StageError as e:
+            raise ConfigError(f"config key '{key}': {e}") from None
+
+    d, s = cfg.data, cfg.sample
+    check("sample", s.frames, s.height, s.width)
+    t, h, w = cfg.vae_train.crop
+    check("vae_train.crop", t, h, w)
+    pt, ph, pw = cfg.dit.patch
+    longest = 0
+    for key, durations, sizes in (("data.durations/data.sizes", d.durations, d.sizes),
+                                  ("data.clip_durations/data.clip_sizes", d.clip_durations, d.clip_sizes)):
+        for frames in durations:
+            for height, width in sizes:
+                lt, lh, lw, _ = check(key, frames, height, width)
+                longest = max(longest, (lt // pt) * (lh // ph) * (lw // pw))
+    for height, width in d.sizes:
+        if min(height, width) < d.digit_size:
+            raise ConfigError(f"config key 'data.sizes': canvas {height}x{width} is smaller than "
+                              f"data.digit_size={d.digit_size}")
+    if cfg.dit_train.row_length < longest:
+        raise ConfigError(f"config key 'dit_train.row_length': {cfg.dit_train.row_length} tokens cannot "
+                          f"hold the longest training example ({longest} tokens)")
+
+
 def _restore(model: nnx.Module, run_dir: str, what: str) -> int:
     from sora_jax.train.checkpoint import CheckpointNotFoundError, Checkpointer
 
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):  # don't create folders on a typo
+        raise StageError(f"no {what} checkpoint in {run_dir}: run `sora-jax train-{what}` first")
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
     try:
         meta = ckpt.restore(model)
@@ -107,7 +165,7 @@ def _datasets(workdir: str) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------------- stages
 
-def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+def prepare_data(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, str]:
     """Builds the offline real-data datasets (Moving MNIST, real clips and photos)."""
     from data_pipelines.build import build_datasets
 
@@ -118,6 +176,7 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, str]
         sizes=[tuple(s) for s in d.sizes], durations=list(d.durations), digit_size=d.digit_size,
         two_digit_prob=d.two_digit_prob, clip_sizes=[tuple(s) for s in d.clip_sizes],
         clip_durations=list(d.clip_durations), num_shards=d.num_shards, seed=cfg.seed,
+        progress=progress,
     )
 
 
@@ -153,7 +212,7 @@ def evaluate_vae(cfg: ml_collections.ConfigDict, workdir: str, codec=None, max_v
                 break
         psnrs, ssims = [], []
         for s in range(0, len(clips), 8):
-            x = np.stack(clips[s : s + 8]).astype(np.float32) / 127.5 - 1.0
+            x = to_float(np.stack(clips[s : s + 8]))
             for a, b in zip(codec.reconstruct(x), x):
                 psnrs.append(psnr(a, b))
                 ssims.append(ssim(a, b))
@@ -192,9 +251,15 @@ def train_vae(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
 
 
 def _text_encoder(cfg):
+    return _cached_text_encoder(cfg.text.max_length)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_text_encoder(max_length: int):
+    # The frozen encoder is loaded once per process: the quickstart needs it in three stages.
     from sora_jax.models.text_encoder import TextEncoder
 
-    return TextEncoder(max_length=cfg.text.max_length)
+    return TextEncoder(max_length=max_length)
 
 
 def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
@@ -233,7 +298,7 @@ def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool 
         for shape, idx in sorted(by_shape.items()):
             for s in range(0, len(idx), bs):
                 chunk = idx[s : s + bs]
-                x = np.stack([records[i]["video"] for i in chunk]).astype(np.float32) / 127.5 - 1.0
+                x = to_float(np.stack([records[i]["video"] for i in chunk]))
                 for i, z in zip(chunk, codec.encode(x)):
                     latents[i] = z
                 bar.update(len(chunk))
@@ -291,7 +356,7 @@ def dit_heldout_loss(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Modu
                                               pad_to=cfg.text.max_length)
     examples = []
     for r, s, m in zip(records, states, masks):
-        x = r["video"].astype(np.float32)[None] / 127.5 - 1.0
+        x = to_float(r["video"])[None]
         tokens, positions = patchify(codec.encode(x)[0], tuple(cfg.dit.patch))
         examples.append(dict(tokens=tokens, positions=positions, text=s, text_mask=m))
     t = cfg.dit_train
@@ -303,7 +368,9 @@ def dit_heldout_loss(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Modu
         chunk = examples[b * k : (b + 1) * k]
         if not chunk:
             break
-        batch, _, _ = pack(chunk, batch_size=t.batch_size, length=t.row_length, text_length=t.text_length)
+        # one row per example at most: every held-out example is scored, none dropped
+        batch, _, dropped = pack(chunk, batch_size=len(chunk), length=t.row_length, text_length=t.text_length)
+        assert dropped == 0
         batch = {key: batch[key] for key in PACKED_KEYS}
         losses.append(float(loss_jit(state, batch, jax.random.key(1000 + b))))
     return float(np.mean(losses))
@@ -330,17 +397,7 @@ class Generator:
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Latent (t, h, w, c) for a pixel request; StageError if the request is impossible."""
-        v, (pt, ph, pw) = self.cfg.vae, self.cfg.dit.patch
-        tds, sds = v.temporal_downsample, v.spatial_downsample
-        if frames < 1 or (frames - 1) % tds:
-            raise StageError(f"impossible frame count {frames}: use 1 + {tds}k frames (1, {1 + tds}, {1 + 2 * tds}, ...)")
-        if height % (sds * ph) or width % (sds * pw) or height <= 0 or width <= 0:
-            raise StageError(f"impossible size {height}x{width}: height must be a multiple of {sds * ph} "
-                             f"and width of {sds * pw}")
-        t = 1 + (frames - 1) // tds
-        if t % pt:
-            raise StageError(f"{frames} frames give {t} latent frames, not divisible by patch {pt}")
-        return t, height // sds, width // sds, v.latent_channels
+        return latent_shape(self.cfg, frames, height, width)
 
     def __call__(self, prompts: list[str], *, frames: int, height: int, width: int, seed: int,
                  guidance: float, steps: int) -> list[np.ndarray]:
@@ -384,7 +441,7 @@ class Generator:
         videos = []
         for s in range(0, len(latents), 8):
             videos.extend(self.codec.decode(latents[s : s + 8]))
-        return [((v + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8) for v in videos]
+        return [to_uint8(v) for v in videos]
 
 
 def write_samples(out_dir: str, prompts: list[str], videos: list[np.ndarray], info: dict[str, Any],
@@ -423,6 +480,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, generator: Generator 
     gen = generator or Generator(cfg, workdir)
     s, e = cfg.sample, cfg.evaluate
     prompts = heldout_prompts(cfg, workdir, e.num_samples)
+    if not prompts:
+        raise StageError("no held-out prompts to evaluate: data.heldout_prompts and evaluate.num_samples must be > 0")
     videos = []
     for i in tqdm(range(0, len(prompts), e.batch), desc="evaluate", disable=not progress):
         videos += gen(prompts[i : i + e.batch], frames=s.frames, height=s.height, width=s.width,
@@ -450,7 +509,7 @@ def quickstart(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
         return out
 
     save_config(cfg, workdir)
-    timed("prepare_data", prepare_data, cfg, workdir)
+    timed("prepare_data", prepare_data, cfg, workdir, progress)
     vae = timed("train_vae", train_vae, cfg, workdir, progress)
     dit = timed("train_dit", train_dit, cfg, workdir, progress)
     gen = Generator(cfg, workdir)

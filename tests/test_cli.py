@@ -70,7 +70,36 @@ def test_generate_bad_input_gives_one_clear_error(trained_run, capsys, argv, mes
 def test_generate_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     code = run(["generate", *TINY, "--workdir", str(tmp_path / "none"), "--prompt", "x"])
     err = capsys.readouterr().err
-    assert code == 2 and "sora-jax generate: error:" in err
+    assert code == 2 and "sora-jax generate: error:" in err and "train-vae" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "none" / "vae").exists()  # a typo in --workdir leaves nothing behind
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.sample.frames=4", "config key 'sample': impossible frame count 4"),
+    ("--config.dit_train.row_length=16", "config key 'dit_train.row_length'"),
+])
+def test_impossible_config_fails_before_any_work(tmp_path, capsys, override, message):
+    code = run(["quickstart", *TINY, "--workdir", str(tmp_path / "q"), override])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_quickstart_writes_every_metric(trained_run, tmp_path, capsys):
+    import shutil
+
+    wd = str(tmp_path / "qs")
+    shutil.copytree(trained_run, wd)  # stages resume: data, VAE and DiT are already there
+    assert run(["quickstart", "--workdir", wd, "--no-progress"]) == 0
+    metrics = json.load(open(os.path.join(wd, "quickstart_metrics.json")))
+    for key in ("vae_psnr_heldout_video", "vae_ssim_heldout_video", "vae_psnr_heldout_digits",
+                "dit_heldout_loss", "digit_accuracy", "direction_accuracy", "samples", "stage_seconds"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["digit_accuracy"] <= 1.0 and 0.0 <= metrics["direction_accuracy"] <= 1.0
+    assert np.isfinite(metrics["vae_psnr_heldout_video"]) and np.isfinite(metrics["dit_heldout_loss"])
+    assert all(os.path.isfile(s["path"]) for s in metrics["samples"])
+    assert set(metrics["stage_seconds"]) == {"prepare_data", "train_vae", "train_dit", "evaluate"}
+    assert metrics["config"] == "tiny"  # the run's own config.json was reused
 
 
 def test_train_dit_without_data_is_a_clear_error(tmp_path, capsys):
