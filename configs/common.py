@@ -19,7 +19,6 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
             seed=0,
             log_every=10,
             checkpoint_every=500,
-            eval_every=1000,
             max_to_keep=2,
         )
     )

@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vae_loss = dict(l1_weight=1.0, l2_weight=1.0, kl_weight=1e-6)
     c.vae_train = train_section(
         steps=1200, batch_size=8, learning_rate=2e-3, warmup_steps=50, log_every=10,
-        checkpoint_every=400, eval_every=100000,
+        checkpoint_every=400,
     )
     # VAE crops (frames, height, width): the VAE is convolutional, so it trains on 16x16 crops
     # (4x cheaper per step than 32x32, and steps are what a CPU budget lacks) and runs at any
@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # lower held-out loss (0.270) than 2200 steps of 4 rows (0.293) or 1100 of 8 (0.341).
     c.dit_train = train_section(
         steps=4500, batch_size=2, learning_rate=1e-3, warmup_steps=100, log_every=20,
-        checkpoint_every=1500, eval_every=100000,
+        checkpoint_every=1500,
     )
     c.dit_train.row_length = 256          # L latent tokens per packed row
     c.dit_train.text_length = 64          # Lt text tokens per packed row

@@ -41,7 +41,7 @@ def loss_fn(model, batch, key):
 
 def cfg(steps, **kw):
     return train_section(steps=steps, learning_rate=1e-2, warmup_steps=2, log_every=1,
-                         checkpoint_every=kw.pop("checkpoint_every", 3), eval_every=1000, **kw)
+                         checkpoint_every=kw.pop("checkpoint_every", 3), **kw)
 
 
 def params(model):

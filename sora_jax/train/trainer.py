@@ -41,7 +41,6 @@ class TrainTask:
       model: the NNX module to train (updated in place).
       loss_fn: ``(model, batch, key) -> (scalar loss, {name: scalar})``, traced under ``jax.jit``.
       batch_fn: ``step -> batch`` (dict of numpy arrays). Must be deterministic in ``step``.
-      eval_fn: optional ``(model, step) -> {name: float}`` run every ``eval_every`` steps and at the end.
       meta: JSON-serialisable facts stored with every checkpoint (e.g. the config).
     """
 
@@ -49,7 +48,6 @@ class TrainTask:
     model: nnx.Module
     loss_fn: LossFn
     batch_fn: Callable[[int], Batch]
-    eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -85,13 +83,13 @@ def train(
       task: model, loss and data.
       cfg: a ``train`` config section (see ``configs/quickstart.py``): steps, learning_rate,
         warmup_steps, weight_decay, grad_clip, b1, b2, min_lr_ratio, seed, log_every,
-        checkpoint_every, eval_every, max_to_keep.
+        checkpoint_every, max_to_keep.
       workdir: run folder; checkpoints go to ``checkpoints/``, metrics to ``logs/``.
       progress: show a tqdm bar.
 
     Returns:
-      Summary dict: ``steps``, ``resumed_from``, ``final_loss``, ``seconds``, ``steps_per_s``
-      (of this invocation) and the last evaluation's metrics.
+      Summary dict: ``steps``, ``resumed_from``, ``final_loss``, ``final_metrics``, ``seconds``
+      and ``steps_per_s`` (of this invocation).
     """
     tx, schedule = make_optimizer(cfg)
     optimizer = nnx.Optimizer(task.model, tx, wrt=nnx.Param)
@@ -147,11 +145,6 @@ def train(
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 sync_model()
                 ckpt.save(done, task.model, optimizer, task.meta)
-            if task.eval_fn is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-                sync_model()
-                ev = task.eval_fn(task.model, done)
-                writer.write_scalars(done, {f"{task.name}/eval/{k}": v for k, v in ev.items()})
-                summary["eval"] = ev
         sync_model()
     finally:
         bar.close()
