@@ -267,7 +267,8 @@ def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool 
 
     Writes ``latents/latents_train-*.array_record`` (``latent``, ``caption_id``, ``caption``) and
     ``latents/text_states.npz`` (``captions``, ``states`` (N, Lt, 384), ``masks`` (N, Lt)).
-    Idempotent: skipped when both exist and were made from the current VAE checkpoint.
+    Idempotent: skipped when both exist and were made from the current VAE checkpoint, text
+    length and dataset size.
     """
     from data_pipelines.records import read_dataset, write_array_record
 
@@ -275,14 +276,16 @@ def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool 
     p = paths(workdir)
     os.makedirs(p["latents"], exist_ok=True)
     stamp = os.path.join(p["latents"], "done.json")
-    vae_step = _latest_step(p["vae"])
+    src = read_dataset(datasets["moving_mnist_train"])
+    # what the encoded files depend on: a change in any of these re-encodes
+    key = {"vae_step": _latest_step(p["vae"]), "text_max_length": cfg.text.max_length,
+           "num_examples": len(src)}
     if os.path.isfile(stamp):
         with open(stamp) as f:
             done = json.load(f)
-        if done.get("vae_step") == vae_step:
+        if all(done.get(k) == v for k, v in key.items()):
             return done
     codec = load_codec(cfg, workdir)
-    src = read_dataset(datasets["moving_mnist_train"])
     records = [src[i] for i in range(len(src))]
     captions = sorted({str(r["caption"]) for r in records})
     cid = {c: i for i, c in enumerate(captions)}
@@ -308,7 +311,7 @@ def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool 
           "caption": str(r["caption"])} for i, r in enumerate(records)),
         num_shards=cfg.data.num_shards,
     )
-    info = {"vae_step": vae_step, "num_examples": len(records), "num_captions": len(captions)}
+    info = dict(key, num_captions=len(captions))
     with open(stamp, "w") as f:
         json.dump(info, f)
     return info
