@@ -24,3 +24,23 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
     )
     cfg.update(overrides)
     return cfg
+
+
+def packing_section(**overrides) -> dict:
+    """NaViT input settings of a DiT ``train`` section (``sora_jax.data.pipeline.packed_dataset``).
+
+    row_length / text_length: latent / text tokens per packed row (L, Lt).
+    max_tokens: per-example token budget; larger examples are resampled down, aspect kept.
+    resolution: "native" (keep stored size unless over budget) or "uniform" (NaViT's random
+      resolution: side scale ~ U(min_scale, 1)).
+    token_drop_rate / token_drop_distribution: NaViT token dropping, "fixed" rate or U(0, rate).
+    packing_bins: rows filled at once by first-fit packing (more bins, less padding).
+    max_examples_per_row: cap on examples per row (0 = none).
+    data: training latents, "prefix[:weight],prefix[:weight]" (e.g. images and videos encoded
+      apart, mixed by weight); "" = the run's own encoded Moving MNIST latents.
+    """
+    cfg = dict(row_length=256, text_length=64, max_tokens=256, resolution="native", min_scale=0.5,
+               token_drop_rate=0.0, token_drop_distribution="fixed", packing_bins=8,
+               max_examples_per_row=8, data="")
+    cfg.update(overrides)
+    return cfg

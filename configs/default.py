@@ -29,8 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dit.update(hidden_size=768, depth=12, num_heads=12)
     c.flow.update(base_tokens=256)
     c.dit_train.update(steps=100000, batch_size=32, learning_rate=2e-4, warmup_steps=2000,
-                       checkpoint_every=2000, log_every=50, row_length=1024, text_length=256,
-                       examples_per_step=400)
+                       checkpoint_every=2000, log_every=50, row_length=4096, text_length=512,
+                       max_tokens=2048, resolution="uniform", packing_bins=32,
+                       max_examples_per_row=64)
     c.sample.update(frames=17, height=64, width=64, steps=50)
     c.evaluate.update(num_samples=200, batch=32)
     return c

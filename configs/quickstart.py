@@ -11,7 +11,7 @@ DiT of width 128 and depth 4 over (1, 2, 2) latent patches. Step counts are set 
 
 import ml_collections
 
-from configs.common import train_section
+from configs.common import packing_section, train_section
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -83,9 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         steps=4500, batch_size=2, learning_rate=1e-3, warmup_steps=100, log_every=20,
         checkpoint_every=1500,
     )
-    c.dit_train.row_length = 256          # L latent tokens per packed row
-    c.dit_train.text_length = 64          # Lt text tokens per packed row
-    c.dit_train.examples_per_step = 10    # greedily packed into batch_size rows
+    # 2 rows of 256 latent tokens (5-15 examples: 16-token images, 48/72-token clips)
+    c.dit_train.update(packing_section(row_length=256, text_length=64, max_tokens=256))
 
     c.sample = dict(steps=25, cfg=4.0, frames=9, height=32, width=32, fps=8, seed=0)
     c.evaluate = dict(num_samples=40, batch=8)

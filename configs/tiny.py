@@ -16,7 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vae_train.update(steps=3, batch_size=2, log_every=1, checkpoint_every=2, warmup_steps=1)
     c.dit.update(hidden_size=32, depth=1, num_heads=2)
     c.dit_train.update(steps=3, batch_size=2, log_every=1, checkpoint_every=2, warmup_steps=1,
-                       examples_per_step=4)
+                       packing_bins=2)
     c.sample.update(steps=2)
     c.evaluate.update(num_samples=2, batch=2)
     return c

@@ -3,6 +3,11 @@
 Subcommands: prepare-data, train-vae, train-dit, generate, evaluate, quickstart.
 Every subcommand takes ``--config path/to/config.py[:arg]`` (default: the quickstart config),
 ``--workdir DIR`` and any number of ``--config.a.b=value`` overrides.
+
+Users' data: ``sora-jax ingest`` (a folder of videos / images + captions -> ArrayRecord clips,
+``data_pipelines.ingest``) and ``sora-jax encode`` (clips -> latents + text states with a
+trained VAE, ``data_pipelines.encode``); each has its own flags (``sora-jax ingest --help``).
+Train on the result with ``sora-jax train-dit --config.dit_train.data=PREFIX[:weight],...``.
 """
 
 from __future__ import annotations
@@ -41,12 +46,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, default=None)
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
+    g.add_argument("--shape", action="append", default=None, metavar="FxHxW",
+                   help="frames x height x width per prompt (repeat once per prompt, or give "
+                        "once for all); overrides --frames/--height/--width. Requests of "
+                        "different shapes are packed into one sampler call.")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     g.add_argument("--steps", type=int, default=None, help="sampler steps")
     g.add_argument("--out", default=None, help="output folder (default: <workdir>/samples)")
     add("evaluate", "prompt adherence (digit and direction accuracy) on held-out prompts")
     add("quickstart", "all stages end to end; writes quickstart_metrics.json")
+    for name, module in _DATA_TOOLS.items():  # listed for --help; run() hands them their argv
+        sub.add_parser(name, help=f"see `sora-jax {name} --help` ({module})", add_help=False)
     return p
 
 
@@ -73,8 +84,19 @@ def _load(args, overrides):
     return cfg
 
 
+# subcommands that own their flags: the data tools under data_pipelines/
+_DATA_TOOLS = {"ingest": "data_pipelines.ingest", "encode": "data_pipelines.encode"}
+
+
 def run(argv: list[str] | None = None) -> int:
     """Parses ``argv`` and runs the subcommand; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _DATA_TOOLS:
+        import importlib
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+        return int(importlib.import_module(_DATA_TOOLS[argv[0]]).main(argv[1:]) or 0)
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     overrides, unknown = [], []
@@ -136,13 +158,28 @@ def _generate(cfg, args) -> dict:
     steps = args.steps if args.steps is not None else s.steps
     if steps < 1:
         raise stages.StageError(f"--steps must be >= 1, got {steps}")
-    stages.latent_shape(cfg, frames, height, width)  # fail before loading anything
+    shapes = [(frames, height, width)] * len(args.prompt)
+    if args.shape:
+        if len(args.shape) not in (1, len(args.prompt)):
+            raise stages.StageError(f"give --shape once or once per prompt ({len(args.prompt)}), "
+                                    f"got {len(args.shape)}")
+        try:
+            parsed = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shape]
+        except ValueError:
+            parsed = [()]
+        if any(len(sh) != 3 for sh in parsed):
+            raise stages.StageError(f"--shape must look like 9x32x48 (frames x height x width), "
+                                    f"got {args.shape}")
+        shapes = parsed * len(args.prompt) if len(parsed) == 1 else parsed
+    for sh in shapes:
+        stages.latent_shape(cfg, *sh)  # fail before loading anything
     gen = stages.Generator(cfg, args.workdir)
-    videos = gen(args.prompt, frames=frames, height=height, width=width, seed=seed,
-                 guidance=guidance, steps=steps)
+    videos = gen.generate([stages.Request(p, *sh) for p, sh in zip(args.prompt, shapes)],
+                          seed=seed, guidance=guidance, steps=steps)
     info = {
-        "seed": seed, "cfg": guidance, "steps": steps, "frames": frames, "height": height,
-        "width": width, "checkpoint_step": gen.dit_step, "workdir": os.path.abspath(args.workdir),
+        "seed": seed, "cfg": guidance, "steps": steps, "frames": shapes[0][0],
+        "height": shapes[0][1], "width": shapes[0][2], "shapes": [list(sh) for sh in shapes],
+        "checkpoint_step": gen.dit_step, "workdir": os.path.abspath(args.workdir),
         "sampler": "euler", "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "config": cfg.to_dict(),
     }

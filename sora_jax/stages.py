@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -121,9 +121,32 @@ def validate_config(cfg: ml_collections.ConfigDict):
         if min(height, width) < d.digit_size:
             raise ConfigError(f"config key 'data.sizes': canvas {height}x{width} is smaller than "
                               f"data.digit_size={d.digit_size}")
-    if cfg.dit_train.row_length < longest:
-        raise ConfigError(f"config key 'dit_train.row_length': {cfg.dit_train.row_length} tokens cannot "
+    t = cfg.dit_train
+    if t.row_length < longest:
+        raise ConfigError(f"config key 'dit_train.row_length': {t.row_length} tokens cannot "
                           f"hold the longest training example ({longest} tokens)")
+    if not 1 <= t.max_tokens <= t.row_length:
+        raise ConfigError(f"config key 'dit_train.max_tokens': {t.max_tokens} must be in "
+                          f"[1, row_length={t.row_length}]")
+    from sora_jax.data import navit
+
+    if t.resolution not in navit.RESOLUTION_DISTRIBUTIONS:
+        raise ConfigError(f"config key 'dit_train.resolution': {t.resolution!r} is not one of "
+                          f"{navit.RESOLUTION_DISTRIBUTIONS}")
+    if not 0 < t.min_scale <= 1:
+        raise ConfigError(f"config key 'dit_train.min_scale': {t.min_scale} is not in (0, 1]")
+    if not 0 <= t.token_drop_rate < 1:
+        raise ConfigError(f"config key 'dit_train.token_drop_rate': {t.token_drop_rate} is not in [0, 1)")
+    if t.token_drop_distribution not in navit.TOKEN_DROP_DISTRIBUTIONS:
+        raise ConfigError(f"config key 'dit_train.token_drop_distribution': "
+                          f"{t.token_drop_distribution!r} is not one of {navit.TOKEN_DROP_DISTRIBUTIONS}")
+    if t.packing_bins < 1 or t.max_examples_per_row < 0:
+        raise ConfigError("config keys 'dit_train.packing_bins' (>= 1) / "
+                          f"'dit_train.max_examples_per_row' (>= 0, 0 = no cap): got "
+                          f"{t.packing_bins} / {t.max_examples_per_row}")
+    if t.text_length < cfg.text.max_length:
+        raise ConfigError(f"config key 'dit_train.text_length': {t.text_length} cannot hold one "
+                          f"caption of text.max_length={cfg.text.max_length} tokens")
 
 
 def _restore(model: nnx.Module, run_dir: str, what: str) -> int:
@@ -325,23 +348,63 @@ def _latest_step(run_dir: str) -> int | None:
     return max(steps) if steps else None
 
 
+def dit_sources(cfg: ml_collections.ConfigDict, workdir: str):
+    """The DiT's training records for this process: (MapDataset, text table or None).
+
+    ``dit_train.data`` empty: the run's own encoded Moving MNIST latents (captions as ids into
+    ``text_states.npz``). Otherwise ``"prefix[:weight],..."``: datasets written by
+    ``sora-jax encode`` (text states inline), mixed by weight.
+
+    Raises:
+      StageError: a listed dataset is missing or a weight is not a positive number.
+    """
+    from data_pipelines.records import read_dataset
+    from sora_jax.data.pipeline import mixed_source
+
+    pi, pc = jax.process_index(), jax.process_count()
+    spec = str(cfg.dit_train.data).strip()
+    if not spec:
+        encode_latents(cfg, workdir)
+        p = paths(workdir)
+        text = np.load(p["text_states"])
+        return (mixed_source([read_dataset(p["latents_train"])], process_index=pi, process_count=pc),
+                (text["states"], text["masks"]))
+    from data_pipelines.encode import read_encoded
+
+    datasets, weights = [], []
+    for item in spec.split(","):
+        prefix, _, weight = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "1")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if w <= 0:
+            raise StageError(f"config key 'dit_train.data': bad weight in {item!r} "
+                             "(expected prefix[:positive weight])")
+        try:
+            datasets.append(read_encoded(prefix))
+        except FileNotFoundError as e:
+            raise StageError(f"config key 'dit_train.data': {e}") from None
+        weights.append(w)
+    return mixed_source(datasets, weights, process_index=pi, process_count=pc), None
+
+
 def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
-    """Encodes latents (if needed) and trains the DiT with rectified flow on packed batches."""
-    from sora_jax.data.pipeline import dit_batch_fn
+    """Trains the DiT with rectified flow on NaViT-packed batches (encoding latents if needed)."""
+    from sora_jax.data.pipeline import packed_dataset
     from sora_jax.train.steps import dit_loss_fn
     from sora_jax.train.trainer import TrainTask, train
 
     save_config(cfg, workdir)
-    encode_latents(cfg, workdir, progress=progress)
-    p = paths(workdir)
-    text = np.load(p["text_states"])
-    batch_fn = dit_batch_fn(p["latents_train"], text["states"], text["masks"], cfg.dit_train,
-                            tuple(cfg.dit.patch), cfg.dit_train.seed)
+    source, text_table = dit_sources(cfg, workdir)
+    dataset = packed_dataset(source, cfg.dit_train, tuple(cfg.dit.patch), cfg.dit_train.seed,
+                             text_table=text_table)
     dit = build_dit(cfg)
-    task = TrainTask("dit", dit, dit_loss_fn(cfg.flow), batch_fn,
-                     meta={"config": config_lib.to_json(cfg)})
-    summary = train(task, cfg.dit_train, p["dit"], progress=progress)
-    summary["heldout_loss"] = dit_heldout_loss(cfg, workdir, dit)
+    task = TrainTask("dit", dit, dit_loss_fn(cfg.flow), None,
+                     meta={"config": config_lib.to_json(cfg)}, dataset=dataset)
+    summary = train(task, cfg.dit_train, paths(workdir)["dit"], progress=progress)
+    if not str(cfg.dit_train.data).strip():
+        summary["heldout_loss"] = dit_heldout_loss(cfg, workdir, dit)
     return summary
 
 
@@ -366,7 +429,7 @@ def dit_heldout_loss(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Modu
     kwargs = dict(cfg.flow.to_dict(), caption_dropout=0.0)
     graphdef, state = nnx.split(dit)
     loss_jit = jax.jit(lambda st, b, k: rectified_flow_loss(nnx.merge(graphdef, st), b, k, **kwargs)[0])
-    losses, k = [], t.examples_per_step
+    losses, k = [], 10
     for b in range(num_batches):
         chunk = examples[b * k : (b + 1) * k]
         if not chunk:
@@ -404,34 +467,57 @@ class Generator:
 
     def __call__(self, prompts: list[str], *, frames: int, height: int, width: int, seed: int,
                  guidance: float, steps: int) -> list[np.ndarray]:
-        """Generates one uint8 video (frames, height, width, 3) per prompt.
+        """Generates one uint8 video (frames, height, width, 3) per prompt (one shape for all)."""
+        return self.generate([Request(p, frames, height, width) for p in prompts], seed=seed,
+                             guidance=guidance, steps=steps)
 
-        All requests are packed into shared rows and denoised in one sampler call (Euler, CFG).
+    def generate(self, requests: list["Request"], *, seed: int, guidance: float,
+                 steps: int) -> list[np.ndarray]:
+        """Generates one uint8 video (frames, height, width, 3) per request, each at its own size.
+
+        Requests of any supported shapes are packed first-fit into shared rows (NaViT) and
+        denoised together in one sampler call (Euler, CFG), each with the timestep shift of
+        its own token count. Request i starts from noise drawn with ``[seed, i]``, and a
+        sample does not depend on which other requests share its call: attention never
+        crosses segments and every video is decoded on its own.
+
+        Raises:
+          StageError: a request's shape is impossible for the VAE and patch size.
         """
         from sora_jax.data.packing import pack, patchify, unpack, unpatchify
         from sora_jax.diffusion.flow import time_shift_for_tokens
         from sora_jax.diffusion.samplers import euler_sample
 
-        shape = self.latent_shape(frames, height, width)
+        if not requests:
+            raise StageError("generate needs at least one request")
         patch = tuple(self.cfg.dit.patch)
-        states, masks = self.text_encoder.encode(list(prompts), pad_to=self.cfg.text.max_length)
+        shapes = [self.latent_shape(r.frames, r.height, r.width) for r in requests]
+        max_text = self.cfg.text.max_length
+        # one prompt at a time: a batch's size changes the encoder's float rounding, and a
+        # sample must not depend on the other requests of its call
+        encoded = [self.text_encoder.encode([r.prompt], pad_to=max_text) for r in requests]
+        states = [e[0][0] for e in encoded]
+        masks = [e[1][0] for e in encoded]
         examples, grids = [], []
-        for i in range(len(prompts)):
+        for i, shape in enumerate(shapes):
             noise = np.random.default_rng([seed, i]).standard_normal(shape).astype(np.float32)
             tokens, positions = patchify(noise, patch)
             examples.append(dict(tokens=tokens, positions=positions, text=states[i], text_mask=masks[i]))
             grids.append((shape[0] // patch[0], shape[1] // patch[1], shape[2] // patch[2]))
-        n = examples[0]["tokens"].shape[0]
-        t = self.cfg.dit_train
-        length = max(t.row_length, -(-n // 64) * 64)
-        per_row = max(1, min(length // n, t.text_length // self.cfg.text.max_length))
-        rows = -(-len(examples) // per_row)
-        batch, placements, dropped = pack(examples, batch_size=rows, length=length,
-                                          text_length=per_row * self.cfg.text.max_length)
+        longest = max(e["tokens"].shape[0] for e in examples)
+        length = max(self.cfg.dit_train.row_length, -(-longest // 64) * 64)
+        per_row = max(1, self.cfg.dit_train.text_length // max_text)
+        batch, placements, dropped = pack(examples, batch_size=len(examples), length=length,
+                                          text_length=per_row * max_text)
         if dropped:
             raise StageError(f"internal: {dropped} requests did not fit the sampler rows")
+        rows = max(pl.row for pl in placements) + 1  # first-fit fills rows in order
+        batch = {k: v[:rows] for k, v in batch.items()}
         f = self.cfg.flow
-        shift = np.where(batch["segment_ids"] > 0, time_shift_for_tokens(n, f.base_tokens, f.max_shift), 1.0)
+        shift = np.ones(batch["segment_ids"].shape, np.float32)
+        for pl in placements:
+            shift[pl.row, pl.start:pl.start + pl.n] = time_shift_for_tokens(
+                pl.n, f.base_tokens, f.max_shift)
         out = euler_sample(
             self.dit, noise=jnp.asarray(batch["tokens"]), segment_ids=jnp.asarray(batch["segment_ids"]),
             positions=jnp.asarray(batch["positions"]), text=jnp.asarray(batch["text"]),
@@ -440,11 +526,20 @@ class Generator:
             shift=jnp.asarray(shift, jnp.float32),
         )
         tokens = unpack(np.asarray(out), placements)
-        latents = np.stack([unpatchify(tk, g, patch, shape[3]) for tk, g in zip(tokens, grids)])
         videos = []
-        for s in range(0, len(latents), 8):
-            videos.extend(self.codec.decode(latents[s : s + 8]))
-        return [to_uint8(v) for v in videos]
+        for tk, g, shape in zip(tokens, grids, shapes):
+            latent = unpatchify(tk, g, patch, shape[3])
+            videos.append(to_uint8(self.codec.decode(latent[None])[0]))
+        return videos
+
+
+class Request(NamedTuple):
+    """One generation request: a prompt and the pixel shape of its video (frames, H, W)."""
+
+    prompt: str
+    frames: int
+    height: int
+    width: int
 
 
 def write_samples(out_dir: str, prompts: list[str], videos: list[np.ndarray], info: dict[str, Any],
@@ -458,7 +553,7 @@ def write_samples(out_dir: str, prompts: list[str], videos: list[np.ndarray], in
     for i, (prompt, video) in enumerate(zip(prompts, videos)):
         path = os.path.join(out_dir, f"sample_{i:02d}.mp4")
         write_mp4(path, video, fps=fps, scale=scale, metadata={"prompt": prompt, **{k: str(v) for k, v in info.items()}})
-        samples.append({"prompt": prompt, "path": path})
+        samples.append({"prompt": prompt, "path": path, "shape": list(video.shape[:3])})
     write_contact_sheet(os.path.join(out_dir, "contact_sheet.png"), videos, labels=list(prompts),
                         scale=max(1, scale // 2))
     write_json(os.path.join(out_dir, "samples.json"), dict(info, samples=samples))

@@ -48,6 +48,37 @@ def test_generate_is_deterministic_given_seed(trained_run):
     np.testing.assert_array_equal(a, b)  # packing with another request does not change a sample
 
 
+def test_generate_packs_requests_of_different_shapes_into_one_call(trained_run, tmp_path, monkeypatch):
+    from sora_jax import config as config_lib
+    from sora_jax.stages import Generator, Request, paths
+
+    cfg = config_lib.from_json(open(paths(trained_run)["config"]).read())
+    gen = Generator(cfg, trained_run)
+    calls = []
+    import sora_jax.diffusion.samplers as samplers
+
+    real = samplers.euler_sample
+    monkeypatch.setattr(samplers, "euler_sample",
+                        lambda *a, **k: calls.append(k["segment_ids"].shape) or real(*a, **k))
+    reqs = [Request("the digit 1 moves left", 5, 32, 32), Request("the digit 4 moves up", 1, 48, 32),
+            Request("the digit 8 moves right", 9, 32, 48)]
+    videos = gen.generate(reqs, seed=0, guidance=2.0, steps=2)
+    alone = gen.generate(reqs[1:2], seed=0, guidance=2.0, steps=2)
+    assert [v.shape for v in videos] == [(5, 32, 32, 3), (1, 48, 32, 3), (9, 32, 48, 3)]
+    assert len(calls) == 2  # one sampler call per generate(), whatever the mix of shapes
+    # the same request (index 1 -> noise seed [0, 1] vs [0, 0] alone) differs only by its noise;
+    # with equal noise indices the packed sample equals the lone one:
+    solo = gen.generate([Request("the digit 1 moves left", 5, 32, 32)], seed=0, guidance=2.0, steps=2)
+    np.testing.assert_array_equal(videos[0], solo[0])
+    assert alone[0].shape == (1, 48, 32, 3)
+    out = str(tmp_path / "mixed")
+    assert run(["generate", "--workdir", trained_run, "--prompt", "the digit 2 moves down",
+                "--prompt", "the digit 6 moves left", "--shape", "5x32x48", "--shape", "1x32x32",
+                "--steps", "1", "--out", out, "--no-progress"]) == 0
+    info = json.load(open(os.path.join(out, "samples.json")))
+    assert [s["shape"] for s in info["samples"]] == [[5, 32, 48], [1, 32, 32]]
+
+
 def test_resume_is_a_no_op_when_training_is_done(trained_run, capsys):
     assert run(["train-dit", *TINY, "--workdir", trained_run]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -58,6 +89,8 @@ def test_resume_is_a_no_op_when_training_is_done(trained_run, capsys):
     (["--frames", "4"], "impossible frame count 4"),
     (["--height", "30"], "impossible size 30x32"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--shape", "5x32"], "--shape must look like"),
+    (["--shape", "5x30x32"], "impossible size 30x32"),
     (["--config.dit.nope=1"], "unknown config key 'dit.nope'"),
 ])
 def test_generate_bad_input_gives_one_clear_error(trained_run, capsys, argv, message):
@@ -109,21 +142,24 @@ def test_train_dit_without_data_is_a_clear_error(tmp_path, capsys):
 
 def test_dit_batches_are_deterministic_and_pack_images_with_videos(trained_run):
     from sora_jax import config as config_lib
-    from sora_jax.data.pipeline import dit_batch_fn
-    from sora_jax.stages import paths
+    from sora_jax.data.pipeline import packed_dataset
+    from sora_jax.stages import dit_sources
 
-    cfg = config_lib.from_json(open(paths(trained_run)["config"]).read())
-    text = np.load(paths(trained_run)["text_states"])
-    make = lambda: dit_batch_fn(paths(trained_run)["latents_train"],  # noqa: E731
-                                text["states"], text["masks"], cfg.dit_train, tuple(cfg.dit.patch), seed=0)
-    a, b = make()(5), make()(5)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k])
-    assert not np.array_equal(a["tokens"], make()(6)["tokens"])
-    # over a few steps, some row holds a 1-latent-frame example (an image) next to a video
+    cfg = config_lib.from_json(open(os.path.join(trained_run, "config.json")).read())
+    source, table = dit_sources(cfg, trained_run)
+
+    def batches(seed, n=8):
+        it = iter(packed_dataset(source, cfg.dit_train, tuple(cfg.dit.patch), seed, text_table=table))
+        return [next(it) for _ in range(n)]
+
+    a, b = batches(0), batches(0)
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert not np.array_equal(a[0]["tokens"], batches(1, 1)[0]["tokens"])
+    # some row holds a 1-latent-frame example (an image) next to a video
     mixed = False
-    for step in range(8):
-        batch = make()(step)
+    for batch in a:
         for row_seg, row_pos in zip(batch["segment_ids"], batch["positions"]):
             frames = {int(s): int(row_pos[row_seg == s, 0].max()) + 1 for s in set(row_seg.tolist()) - {0}}
             mixed |= len(set(frames.values())) > 1

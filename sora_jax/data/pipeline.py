@@ -1,17 +1,23 @@
-"""Training inputs built with Grain: VAE crops and packed DiT batches.
+"""Training inputs built with Grain: VAE crops and NaViT-packed DiT batches.
 
-Both are *step-indexed*: ``batch_fn(step)`` is a pure function of the seed and the step, reading
-records by index from a Grain ``MapDataset`` (ArrayRecord shards). A run resumed at step s
-therefore sees the batches an uninterrupted run would have seen, without iterator state.
+VAE batches are *step-indexed*: ``batch_fn(step)`` is a pure function of the seed and the step,
+reading records by index from a Grain ``MapDataset``. DiT batches come from a Grain
+``IterDataset`` (shuffle -> per-example NaViT size and token drop -> first-fit packing ->
+batch) whose iterator state is small (a few integers) and goes into every checkpoint, so a
+resumed run sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+import grain
 import ml_collections
 import numpy as np
 
 from data_pipelines.records import read_dataset
-from sora_jax.data.packing import pack, patchify
+from sora_jax.data import navit
+from sora_jax.data.packing import patchify
 
 PACKED_KEYS = ("tokens", "segment_ids", "positions", "timesteps", "loss_mask", "text",
                "text_segment_ids")
@@ -64,36 +70,141 @@ def vae_batch_fn(prefixes: dict[str, str], cfg: ml_collections.ConfigDict, seed:
     return batch_fn
 
 
-def dit_batch_fn(latent_prefix: str, text_states: np.ndarray, text_masks: np.ndarray,
-                 cfg: ml_collections.ConfigDict, patch: tuple[int, int, int], seed: int):
-    """Returns ``step -> packed batch`` (DESIGN.md's packing format) for DiT training.
+class NaViTExample:
+    """Grain random-map transform: latent record -> one unpacked DiT example.
 
-    Examples come from a shuffled, repeated Grain ``MapDataset`` of encoded latents: step s takes
-    items ``[s*K, (s+1)*K)`` (K = ``examples_per_step``), patchifies them and packs them greedily
-    into ``batch_size`` rows of ``row_length`` latent tokens and ``text_length`` text tokens.
-    Examples that do not fit are dropped; the count goes into the batch as ``num_dropped``.
+    Per example (NaViT, Dehghani et al. 2023): draw a patch grid under the token budget
+    (:func:`navit.choose_grid`), resample the latent to it, patchify, drop a random fraction
+    of tokens (:func:`navit.drop_tokens`), and attach the caption's text-encoder states.
+
+    Records hold ``latent`` (t, h, w, c) float and either ``text`` (m, Dt) (kept caption tokens,
+    as written by ``data_pipelines.encode``) or ``caption_id`` (row of ``text_table``).
+
+    Output: ``tokens`` (n, pt*ph*pw*c) float32, ``positions`` (n, 3) int32, ``loss_mask`` (n,)
+    float32 ones, ``text`` (m', Dt) float32 with m' <= ``text_length``.
 
     Args:
-      latent_prefix: ArrayRecord prefix of records with ``latent`` (t, h, w, c) float32 and
-        ``caption_id`` int (row into ``text_states``).
-      text_states: (num_captions, Lt_cap, D_text) float32 text-encoder states.
-      text_masks: (num_captions, Lt_cap) bool.
+      cfg: the ``dit_train`` section: ``max_tokens`` (per example, <= ``row_length``),
+        ``resolution`` ("native" | "uniform"), ``min_scale``, ``token_drop_rate``,
+        ``token_drop_distribution`` ("fixed" | "uniform"), ``text_length``.
+      patch: DiT patch (pt, ph, pw).
+      text_table: optional (states (N, Lt, Dt), masks (N, Lt)) for ``caption_id`` records.
+      train: False disables random resolution and token dropping (evaluation).
     """
-    ds = read_dataset(latent_prefix).shuffle(seed=seed).repeat()
-    k = cfg.examples_per_step
 
-    def batch_fn(step: int) -> dict[str, np.ndarray]:
-        examples = []
-        for i in range(k):
-            rec = ds[step * k + i]
-            tokens, positions = patchify(rec["latent"], patch)
+    def __init__(self, cfg: ml_collections.ConfigDict, patch: Sequence[int],
+                 text_table: tuple[np.ndarray, np.ndarray] | None = None, train: bool = True):
+        self.cfg, self.patch, self.train = cfg, tuple(patch), train
+        self.text_table = text_table
+        self.max_tokens = min(int(cfg.max_tokens), int(cfg.row_length))
+
+    def __call__(self, rec: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        cfg, (pt, ph, pw) = self.cfg, self.patch
+        latent = np.asarray(rec["latent"], np.float32)
+        t, h, w, _ = latent.shape
+        grid = (t // pt, h // ph, w // pw)
+        nt, nh, nw = navit.choose_grid(
+            grid, max_tokens=self.max_tokens, rng=rng,
+            resolution=cfg.resolution if self.train else "native", min_scale=cfg.min_scale)
+        latent = navit.resize_latent(latent[: nt * pt], nh * ph, nw * pw)
+        tokens, positions = patchify(latent, self.patch)
+        if self.train and cfg.token_drop_rate > 0:
+            rate = navit.token_drop_rate(rng, cfg.token_drop_rate, cfg.token_drop_distribution)
+            keep = navit.drop_tokens(rng, tokens.shape[0], rate)
+            tokens, positions = tokens[keep], positions[keep]
+        if "text" in rec:
+            text = np.asarray(rec["text"], np.float32)
+        else:
+            states, masks = self.text_table
             cid = int(rec["caption_id"])
-            examples.append(dict(tokens=tokens, positions=positions, text=text_states[cid],
-                                 text_mask=text_masks[cid]))
-        batch, _, dropped = pack(examples, batch_size=cfg.batch_size, length=cfg.row_length,
-                                 text_length=cfg.text_length)
-        batch = {key: batch[key] for key in PACKED_KEYS}
-        batch["num_dropped"] = np.asarray(dropped, np.int32)
-        return batch
+            text = states[cid][masks[cid].astype(bool)].astype(np.float32)
+        return dict(tokens=tokens.astype(np.float32), positions=positions.astype(np.int32),
+                    loss_mask=np.ones(tokens.shape[0], np.float32),
+                    text=text[: cfg.text_length])
 
-    return batch_fn
+
+def _to_packed_batch(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Grain's packed rows (``<feature>_segment_ids``, ...) -> DESIGN.md's packed batch."""
+    seg = b["tokens_segment_ids"].astype(np.int32)
+    return {
+        "tokens": b["tokens"].astype(np.float32),
+        "segment_ids": seg,
+        "positions": b["positions"].astype(np.int32),
+        "timesteps": np.zeros(seg.shape, np.float32),
+        "loss_mask": b["loss_mask"].astype(np.float32) * (seg != 0),
+        "text": b["text"].astype(np.float32),
+        "text_segment_ids": b["text_segment_ids"].astype(np.int32),
+    }
+
+
+def mixed_source(datasets: Sequence[grain.MapDataset], weights: Sequence[float] | None = None, *,
+                 process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """This process's shard of a weighted mix of record datasets.
+
+    Each dataset is cut into ``process_count`` disjoint strided shards (``ds[i::n]``) before
+    mixing, so the processes of a multi-host run read disjoint records whose union is every
+    record; ``grain.MapDataset.mix`` then interleaves the sources by ``weights`` (e.g. images
+    and videos kept apart at encode time and mixed here by configured weights).
+
+    Raises:
+      ValueError: weights do not match the datasets, or a bad process index / count.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if weights is not None and len(weights) != len(datasets):
+        raise ValueError(f"{len(weights)} weights for {len(datasets)} datasets")
+    shards = [ds[process_index::process_count] for ds in datasets]
+    if len(shards) == 1:
+        return shards[0]
+    return grain.MapDataset.mix(shards, weights)
+
+
+def packed_dataset(source: grain.MapDataset, cfg: ml_collections.ConfigDict,
+                   patch: Sequence[int], seed: int,
+                   text_table: tuple[np.ndarray, np.ndarray] | None = None) -> grain.IterDataset:
+    """Infinite Grain pipeline of NaViT-packed DiT batches (DESIGN.md's packed format).
+
+    source -> shuffle (a new permutation every epoch) -> repeat -> :class:`NaViTExample`
+    (random map: its generator is a function of ``seed`` and the element index, so every
+    draw is reproducible) -> ``grain.experimental.FirstFitPackIterDataset`` (rows of
+    ``row_length`` latent and ``text_length`` text tokens, at most ``max_examples_per_row``
+    examples each, ``packing_bins`` rows filled at once) -> batch of ``batch_size`` rows.
+
+    Iterate with ``it = iter(ds)``; ``it.get_state()`` / ``it.set_state(state)`` checkpoint
+    and restore the exact position (used by the trainer).
+
+    Args:
+      source: records (see :class:`NaViTExample`), already sharded for this process.
+      cfg: the ``dit_train`` section (``batch_size``, ``row_length``, ``text_length``,
+        ``packing_bins``, ``max_examples_per_row`` and :class:`NaViTExample`'s fields).
+      patch: DiT patch (pt, ph, pw).
+      seed: data seed.
+      text_table: see :class:`NaViTExample`.
+
+    Returns:
+      ``grain.IterDataset`` of dicts with ``tokens`` (B, L, D) float32, ``segment_ids`` (B, L)
+      int32, ``positions`` (B, L, 3) int32, ``timesteps`` (B, L) float32 zeros (the loss draws
+      them), ``loss_mask`` (B, L) float32, ``text`` (B, Lt, Dt) float32, ``text_segment_ids``
+      (B, Lt) int32.
+    """
+    length = int(cfg.row_length)
+    ds = source.shuffle(seed=seed).repeat()
+    ds = ds.random_map(NaViTExample(cfg, patch, text_table), seed=seed)
+    bins = max(int(cfg.packing_bins), int(cfg.batch_size))
+    packed = grain.experimental.FirstFitPackIterDataset(
+        ds.to_iter_dataset(),
+        length_struct={"tokens": length, "positions": length, "loss_mask": length,
+                       "text": int(cfg.text_length)},
+        num_packing_bins=bins, seed=seed, shuffle_bins=True,
+        max_sequences_per_bin=int(cfg.max_examples_per_row) or None)
+    return packed.batch(int(cfg.batch_size), drop_remainder=True).map(_to_packed_batch)
+
+
+def batch_statistics(batch: dict[str, np.ndarray]) -> dict[str, float]:
+    """Packing quality of a packed batch: ``padding_fraction`` (pad tokens / all latent tokens),
+    ``examples_per_row`` (mean non-empty segments per row), ``real_tokens``."""
+    seg = np.asarray(batch["segment_ids"])
+    real = int(np.sum(seg != 0))
+    per_row = [len(np.unique(r[r != 0])) for r in seg]
+    return {"padding_fraction": 1.0 - real / seg.size, "examples_per_row": float(np.mean(per_row)),
+            "real_tokens": float(real)}

@@ -1,7 +1,9 @@
 """Orbax checkpoints of a model and its optimizer, resumable from the latest step.
 
 Layout under ``<workdir>/checkpoints/<step>/``: ``model`` (parameters), ``optimizer`` (optax state
-and step counter) and ``meta`` (JSON: step, run name, config). Inference restores ``model`` alone.
+and step counter), ``meta`` (JSON: step, run name, config) and, for iterator-fed runs, ``data``
+(JSON: the Grain iterator state after the last consumed batch). Inference restores ``model``
+alone.
 """
 
 from __future__ import annotations
@@ -43,14 +45,18 @@ class Checkpointer:
         """The newest complete step, or None when there is none."""
         return self.manager.latest_step()
 
-    def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None, meta: dict[str, Any]):
-        """Writes model parameters, optimizer state and JSON metadata for ``step``."""
+    def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None, meta: dict[str, Any],
+             data_state: dict[str, Any] | None = None):
+        """Writes model parameters, optimizer state, JSON metadata and the input iterator's
+        state (``data_state``: JSON-serialisable, e.g. ``grain.DatasetIterator.get_state()``)."""
         items = {
             "model": ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
             "meta": ocp.args.JsonSave(dict(meta, step=int(step))),
         }
         if optimizer is not None:
             items["optimizer"] = ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer)))
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(data_state)
         self.manager.save(int(step), args=ocp.args.Composite(**items))
 
     def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, step: int | None = None) -> dict:
@@ -79,6 +85,17 @@ class Checkpointer:
             nnx.replace_by_pure_dict(opt_state, restored["optimizer"])
             nnx.update(optimizer, opt_state)
         return dict(restored["meta"])
+
+    def restore_data_state(self, step: int | None = None) -> dict[str, Any] | None:
+        """The input iterator state saved with ``step`` (default latest), or None if none was."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        path = os.path.join(self.directory, str(step), "data")
+        if not os.path.isdir(path):
+            return None
+        restored = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+        return dict(restored["data"])
 
     def wait(self):
         """Blocks until pending asynchronous saves are on disk."""

@@ -1,9 +1,14 @@
 """The one training loop, shared by the VAE and the DiT.
 
-A :class:`TrainTask` says what is trained (a model, a loss, a batch for every step); ``train``
-does the rest: optax optimizer, jitted step, resume from the latest Orbax checkpoint, TensorBoard
-and JSON metrics, tqdm progress. Batches and random keys are pure functions of the step number,
-so a resumed run sees exactly the data and noise it would have seen without the interruption.
+A :class:`TrainTask` says what is trained (a model, a loss, its batches); ``train`` does the
+rest: optax optimizer, jitted step, resume from the latest Orbax checkpoint, TensorBoard and
+JSON metrics, tqdm progress. Random keys are functions of the step number, and batches are
+either functions of the step (``batch_fn``) or come from a Grain iterator whose state is saved
+in every checkpoint (``dataset``), so a resumed run sees exactly the data and noise it would
+have seen without the interruption.
+
+The step is compiled once per distinct batch shape; ``train`` counts the traces of its step
+function and reports them as ``train_step_compiles`` (packed batches have one shape, so 1).
 """
 
 from __future__ import annotations
@@ -40,15 +45,43 @@ class TrainTask:
       name: run name used in logs ("vae", "dit").
       model: the NNX module to train (updated in place).
       loss_fn: ``(model, batch, key) -> (scalar loss, {name: scalar})``, traced under ``jax.jit``.
-      batch_fn: ``step -> batch`` (dict of numpy arrays). Must be deterministic in ``step``.
+      batch_fn: ``step -> batch`` (dict of numpy arrays), deterministic in ``step``; or None
+        when ``dataset`` is given.
       meta: JSON-serialisable facts stored with every checkpoint (e.g. the config).
+      dataset: an iterable (e.g. ``grain.IterDataset``) whose iterator has ``get_state()`` and
+        ``set_state(state)`` (JSON-serialisable state); used instead of ``batch_fn``.
     """
 
     name: str
     model: nnx.Module
     loss_fn: LossFn
-    batch_fn: Callable[[int], Batch]
+    batch_fn: Callable[[int], Batch] | None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dataset: Any = None
+
+
+class _Batches:
+    """One interface over both batch sources: ``next() -> (batch, state after it)``."""
+
+    def __init__(self, task: TrainTask, start: int, state: dict[str, Any] | None):
+        if (task.batch_fn is None) == (task.dataset is None):
+            raise ValueError(f"{task.name}: give exactly one of batch_fn and dataset")
+        self.batch_fn, self.step = task.batch_fn, start
+        self.iterator = None
+        if task.dataset is not None:
+            self.iterator = iter(task.dataset)
+            if state is not None:
+                self.iterator.set_state(state)
+            elif start > 0:
+                raise ValueError(f"{task.name}: checkpoint at step {start} holds no data "
+                                 "iterator state; cannot resume the input pipeline exactly")
+
+    def next(self) -> tuple[Batch, dict[str, Any] | None]:
+        if self.iterator is None:
+            batch = self.batch_fn(self.step)
+            self.step += 1
+            return batch, None
+        return next(self.iterator), self.iterator.get_state()
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -89,22 +122,31 @@ def train(
 
     Returns:
       Summary dict: ``steps``, ``resumed_from``, ``final_loss``, ``final_metrics``, ``seconds``
-      and ``steps_per_s`` (of this invocation).
+      ``steps_per_s`` (of this invocation) and ``train_step_compiles`` (traces of the step
+      function in this invocation: 1 when every batch had the same shapes).
+
+    Raises:
+      ValueError: the task has neither or both of ``batch_fn`` and ``dataset``, or a
+        checkpoint to resume from lacks the iterator state a ``dataset`` task needs.
+      FloatingPointError: the logged mean loss is not finite.
     """
     tx, schedule = make_optimizer(cfg)
     optimizer = nnx.Optimizer(task.model, tx, wrt=nnx.Param)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep)
-    start = 0
+    start, data_state = 0, None
     if ckpt.latest_step() is not None:
         meta = ckpt.restore(task.model, optimizer)
         start = int(meta["step"])
+        data_state = ckpt.restore_data_state(start)
         log.info("%s: resumed from step %d (%s)", task.name, start, ckpt.directory)
     writer = MetricWriter(os.path.join(workdir, "logs"), enabled=jax.process_index() == 0)
 
     graphdef, state = nnx.split((task.model, optimizer))
     base_key = jax.random.key(cfg.seed)
+    traces = [0]
 
     def step_fn(state, batch, step):
+        traces[0] += 1  # runs only while tracing: one count per compilation of the step
         model, opt = nnx.merge(graphdef, state)
         key = jax.random.fold_in(base_key, step)
         (loss, aux), grads = nnx.value_and_grad(
@@ -117,7 +159,8 @@ def train(
     jit_step = jax.jit(step_fn, donate_argnums=(0,))
     summary: dict[str, Any] = {"resumed_from": start, "steps": cfg.steps}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    pending = pool.submit(task.batch_fn, start) if start < cfg.steps else None
+    batches = _Batches(task, start, data_state)
+    pending = pool.submit(batches.next) if start < cfg.steps else None
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {task.name}", disable=not progress,
                dynamic_ncols=True)
     t0, last_aux, window = time.time(), None, []
@@ -127,9 +170,9 @@ def train(
 
     try:
         for step in range(start, cfg.steps):
-            batch = pending.result()
+            batch, data_state = pending.result()
             if step + 1 < cfg.steps:  # prepare the next batch while this step runs
-                pending = pool.submit(task.batch_fn, step + 1)
+                pending = pool.submit(batches.next)
             state, aux = jit_step(state, batch, jnp.asarray(step, jnp.int32))
             window.append(aux)
             done = step + 1
@@ -144,7 +187,7 @@ def train(
             bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 sync_model()
-                ckpt.save(done, task.model, optimizer, task.meta)
+                ckpt.save(done, task.model, optimizer, task.meta, data_state)
         sync_model()
     finally:
         bar.close()
@@ -158,5 +201,7 @@ def train(
         steps_per_s=ran / seconds if ran else 0.0,
         final_metrics=last_aux or {},
         final_loss=(last_aux or {}).get("loss"),
+        train_step_compiles=traces[0],
     )
+    log.info("%s: %d train-step compilation(s) in this run", task.name, traces[0])
     return summary
