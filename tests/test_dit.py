@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sora_jax.data.packing import pack, patchify
 from sora_jax.models.attention import dot_product_attention
@@ -21,6 +23,11 @@ CALL_KEYS = ("tokens", "segment_ids", "positions", "timesteps", "text", "text_se
 def tiny_dit():
     return DiT(in_dim=8, hidden_size=32, depth=2, num_heads=2, text_dim=TEXT_DIM,
                rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_dit_randomized(tiny_dit):
+    return _randomized(tiny_dit)
 
 
 @nnx.jit
@@ -214,3 +221,31 @@ def test_rope_relative_position_property():
     assert np.all(np.abs(s[5:8] - s[0]) > 1e-3)
     np.testing.assert_allclose(s[8], np.sum(q * k), rtol=1e-5)  # position 0 = identity
     np.testing.assert_allclose(norms, np.linalg.norm(q), rtol=1e-5)  # rotations keep norms
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shapes=st.lists(st.tuples(st.integers(1, 3), st.sampled_from([2, 4, 6]), st.sampled_from([2, 4, 6])),
+                       min_size=1, max_size=4),
+       seed=st.integers(0, 2**16))
+def test_packed_equals_unpacked_for_random_shapes(tiny_dit_randomized, shapes, seed):
+    """Property: for any mix of example shapes, each example's DiT output in a packed row
+    equals its output alone in a row (all rows share one shape: one compiled function)."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for t, h, w in shapes:
+        tokens, positions = patchify(rng.normal(size=(t, h, w, 2)).astype(np.float32), (1, 2, 2))
+        m = int(rng.integers(1, 5))
+        examples.append({"tokens": tokens, "positions": positions,
+                         "text": rng.normal(size=(m, TEXT_DIM)).astype(np.float32),
+                         "text_mask": np.ones(m, bool),
+                         "timesteps": rng.uniform(size=len(tokens)).astype(np.float32)})
+    kw = dict(batch_size=1, length=112, text_length=16)  # room for 4 of the largest (27 tokens)
+    packed, placements, dropped = pack(examples, **kw)
+    assert dropped == 0
+    out = np.asarray(_forward(tiny_dit_randomized, packed))[0]
+    for ex, p in zip(examples, placements):
+        alone, (pa,), _ = pack([ex], **kw)
+        ref = np.asarray(_forward(tiny_dit_randomized, alone))[0, :pa.n]
+        assert np.abs(ref).max() > 1e-3  # not trivially zero
+        np.testing.assert_allclose(out[p.start:p.start + p.n], ref, rtol=1e-5, atol=1e-5)

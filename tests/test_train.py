@@ -3,6 +3,7 @@
 import json
 import os
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +106,54 @@ def test_resumed_run_matches_uninterrupted_run_exactly(tmp_path):
     summary = train(TrainTask("reg", resumed, loss_fn, batch_fn), cfg(8), str(tmp_path / "b"), progress=False)
     assert summary["resumed_from"] == 6
     jax.tree.map(np.testing.assert_array_equal, params(resumed), params(straight))
+
+
+_CRASH_AT = [None]
+
+
+def _example(x, rng):
+    if _CRASH_AT[0] is not None and int(x) == _CRASH_AT[0]:
+        raise RuntimeError("simulated crash")
+    v = rng.standard_normal(4).astype(np.float32)
+    return {"x": v, "y": v @ W_TRUE}
+
+
+def _dataset():
+    """A Grain iterator pipeline whose batches depend on its position (random map by index)."""
+    return grain.MapDataset.range(10**6).random_map(_example, seed=3).to_iter_dataset().batch(32)
+
+
+def test_dataset_task_resumes_the_iterator_exactly(tmp_path):
+    straight = Regressor()
+    train(TrainTask("reg", straight, loss_fn, None, dataset=_dataset()), cfg(8), str(tmp_path / "a"),
+          progress=False)
+    _CRASH_AT[0] = 7 * 32  # the first element of the 8th batch
+    try:
+        interrupted = Regressor()
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(TrainTask("reg", interrupted, loss_fn, None, dataset=_dataset()), cfg(8),
+                  str(tmp_path / "b"), progress=False)
+    finally:
+        _CRASH_AT[0] = None
+    resumed = Regressor()
+    summary = train(TrainTask("reg", resumed, loss_fn, None, dataset=_dataset()), cfg(8),
+                    str(tmp_path / "b"), progress=False)
+    assert summary["resumed_from"] == 6
+    jax.tree.map(np.testing.assert_array_equal, params(resumed), params(straight))
+    ckpt = Checkpointer(str(tmp_path / "b" / "checkpoints"))
+    assert ckpt.restore_data_state(6) == {"next_index": 6 * 32}  # 6 batches of 32 consumed
+    ckpt.close()
+
+
+def test_train_step_compiles_are_counted(tmp_path):
+    def two_shapes(step):
+        b = batch_fn(step)
+        return b if step % 2 else {k: v[:16] for k, v in b.items()}
+
+    s = train(TrainTask("reg", Regressor(), loss_fn, two_shapes), cfg(4), str(tmp_path / "a"), progress=False)
+    assert s["train_step_compiles"] == 2
+    s = train(TrainTask("reg", Regressor(), loss_fn, batch_fn), cfg(4), str(tmp_path / "b"), progress=False)
+    assert s["train_step_compiles"] == 1
+    with pytest.raises(ValueError, match="exactly one"):
+        train(TrainTask("reg", Regressor(), loss_fn, batch_fn, dataset=_dataset()), cfg(2),
+              str(tmp_path / "c"), progress=False)

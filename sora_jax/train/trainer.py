@@ -103,6 +103,52 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransf
     ), schedule
 
 
+class TrainStep:
+    """The jitted optimizer step: ``step(batch, i) -> metrics``, updating its state in place.
+
+    Holds the split (model, optimizer) state between calls (donated to each call, so updates
+    happen in place on device); ``sync()`` writes it back into the NNX objects (before a
+    checkpoint or at the end). The random key of step i is ``fold_in(key(seed), i)``, so it
+    depends on the step number only. ``compiles`` counts traces of the step function: XLA
+    compiles it once per distinct batch shape / dtype signature.
+
+    Args:
+      model: the module to train.
+      optimizer: ``nnx.Optimizer`` over ``model``.
+      loss_fn: ``(model, batch, key) -> (scalar loss, {name: scalar})``.
+      schedule: learning-rate schedule (reported as the ``learning_rate`` metric).
+      seed: base of the per-step keys.
+    """
+
+    def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn,
+                 schedule: optax.Schedule, seed: int):
+        self._objects = (model, optimizer)
+        graphdef, self.state = nnx.split(self._objects)
+        base_key = jax.random.key(seed)
+        self.compiles = 0
+
+        def step_fn(state, batch, step):
+            self.compiles += 1  # runs only while tracing: one count per compilation
+            model, opt = nnx.merge(graphdef, state)
+            key = jax.random.fold_in(base_key, step)
+            (loss, aux), grads = nnx.value_and_grad(
+                lambda m: loss_fn(m, batch, key), has_aux=True
+            )(model)
+            opt.update(model, grads)
+            aux = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(step))
+            return nnx.state((model, opt)), aux
+
+        self._jit = jax.jit(step_fn, donate_argnums=(0,))
+
+    def __call__(self, batch: Batch, i: int) -> dict[str, jax.Array]:
+        self.state, aux = self._jit(self.state, batch, jnp.asarray(i, jnp.int32))
+        return aux
+
+    def sync(self):
+        """Writes the current state back into the model and optimizer objects."""
+        nnx.update(self._objects, self.state)
+
+
 def train(
     task: TrainTask,
     cfg: ml_collections.ConfigDict,
@@ -141,22 +187,7 @@ def train(
         log.info("%s: resumed from step %d (%s)", task.name, start, ckpt.directory)
     writer = MetricWriter(os.path.join(workdir, "logs"), enabled=jax.process_index() == 0)
 
-    graphdef, state = nnx.split((task.model, optimizer))
-    base_key = jax.random.key(cfg.seed)
-    traces = [0]
-
-    def step_fn(state, batch, step):
-        traces[0] += 1  # runs only while tracing: one count per compilation of the step
-        model, opt = nnx.merge(graphdef, state)
-        key = jax.random.fold_in(base_key, step)
-        (loss, aux), grads = nnx.value_and_grad(
-            lambda m: task.loss_fn(m, batch, key), has_aux=True
-        )(model)
-        opt.update(model, grads)
-        aux = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(step))
-        return nnx.state((model, opt)), aux
-
-    jit_step = jax.jit(step_fn, donate_argnums=(0,))
+    step = TrainStep(task.model, optimizer, task.loss_fn, schedule, cfg.seed)
     summary: dict[str, Any] = {"resumed_from": start, "steps": cfg.steps}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     batches = _Batches(task, start, data_state)
@@ -165,17 +196,14 @@ def train(
                dynamic_ncols=True)
     t0, last_aux, window = time.time(), None, []
 
-    def sync_model():
-        nnx.update((task.model, optimizer), state)
-
+    sync_model = step.sync
     try:
-        for step in range(start, cfg.steps):
+        for i in range(start, cfg.steps):
             batch, data_state = pending.result()
-            if step + 1 < cfg.steps:  # prepare the next batch while this step runs
+            if i + 1 < cfg.steps:  # prepare the next batch while this step runs
                 pending = pool.submit(batches.next)
-            state, aux = jit_step(state, batch, jnp.asarray(step, jnp.int32))
-            window.append(aux)
-            done = step + 1
+            window.append(step(batch, i))
+            done = i + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 host = jax.device_get(window)
                 mean = {k: float(np.mean([a[k] for a in host])) for k in host[-1]}
@@ -201,7 +229,7 @@ def train(
         steps_per_s=ran / seconds if ran else 0.0,
         final_metrics=last_aux or {},
         final_loss=(last_aux or {}).get("loss"),
-        train_step_compiles=traces[0],
+        train_step_compiles=step.compiles,
     )
-    log.info("%s: %d train-step compilation(s) in this run", task.name, traces[0])
+    log.info("%s: %d train-step compilation(s) in this run", task.name, step.compiles)
     return summary
