@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vae_train.update(steps=50000, batch_size=16, learning_rate=3e-4, warmup_steps=1000,
                        checkpoint_every=2000, log_every=50)
     c.vae_train.crop = (17, 64, 64)
-    c.dit.update(hidden_size=768, depth=12, num_heads=12)
+    c.dit.update(hidden_size=768, depth=12, num_heads=12, attention_backend="auto")
     c.flow.update(base_tokens=256)
     c.dit_train.update(steps=100000, batch_size=32, learning_rate=2e-4, warmup_steps=2000,
                        checkpoint_every=2000, log_every=50, row_length=4096, text_length=512,

@@ -190,7 +190,9 @@ class DiT(nnx.Module):
       rope_axes_dims: split of head_dim over RoPE axes (t, h, w); default
         :func:`default_rope_axes_dims`.
       rope_theta: RoPE base.
-      attention_backend: "xla" (reference, any device) or "cudnn" (GPU).
+      attention_backend: "xla" (dense reference), "chunked" (block-sparse flash attention
+        in JAX, any device), "cudnn" (GPU), "splash" (TPU Pallas) or "auto" (chosen per
+        device and length; see :mod:`sora_jax.models.attention`).
       remat: rematerialise each block in the backward pass (``nnx.remat``): less
         activation memory, about one extra forward of compute.
       dtype: compute dtype of the linears (None: float32 here); params are float32 and
