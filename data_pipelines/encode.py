@@ -47,7 +47,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Iterator, Optional, Sequence, SupportsIndex
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -383,32 +383,6 @@ def list_encoded(output_prefix: str) -> list[str]:
     return [process_prefix(output_prefix, i, n) for i in range(n)]
 
 
-class _ConcatSource:
-    """Random access over several datasets of raw record bytes, one after another.
-
-    Module-level and made of picklable parts so Grain worker processes can receive it.
-    """
-
-    def __init__(self, parts: Sequence[Any]):
-        self._parts = list(parts)
-        self._offsets = np.cumsum([0] + [len(p) for p in self._parts])
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    def __getitem__(self, index: SupportsIndex) -> bytes:
-        i = int(index)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"record index {int(index)} out of range for {len(self)} records")
-        part = int(np.searchsorted(self._offsets, i, side="right")) - 1
-        return self._parts[part][i - int(self._offsets[part])]
-
-    def __repr__(self) -> str:
-        return f"Concat({len(self._parts)} parts, records={len(self)})"
-
-
 def read_encoded(output_prefix: str):
     """All process outputs of ``output_prefix`` as one ``grain.MapDataset`` of decoded dicts.
 
@@ -420,8 +394,8 @@ def read_encoded(output_prefix: str):
     """
     import grain
 
-    parts = [records.read_dataset(p, decode=False) for p in list_encoded(output_prefix)]
-    return grain.MapDataset.source(_ConcatSource(parts)).map(records.decode_record)
+    parts = [records.read_dataset(p) for p in list_encoded(output_prefix)]
+    return parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -348,7 +348,7 @@ def _latest_step(run_dir: str) -> int | None:
     return max(steps) if steps else None
 
 
-def dit_sources(cfg: ml_collections.ConfigDict, workdir: str):
+def dit_sources(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True):
     """The DiT's training records for this process: (MapDataset, text table or None).
 
     ``dit_train.data`` empty: the run's own encoded Moving MNIST latents (captions as ids into
@@ -364,7 +364,7 @@ def dit_sources(cfg: ml_collections.ConfigDict, workdir: str):
     pi, pc = jax.process_index(), jax.process_count()
     spec = str(cfg.dit_train.data).strip()
     if not spec:
-        encode_latents(cfg, workdir)
+        encode_latents(cfg, workdir, progress=progress)
         p = paths(workdir)
         text = np.load(p["text_states"])
         return (mixed_source([read_dataset(p["latents_train"])], process_index=pi, process_count=pc),
@@ -373,12 +373,12 @@ def dit_sources(cfg: ml_collections.ConfigDict, workdir: str):
 
     datasets, weights = [], []
     for item in spec.split(","):
-        prefix, _, weight = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "1")
+        prefix, _, weight = item.strip().rpartition(":")
         try:
             w = float(weight)
-        except ValueError:
-            w = -1.0
-        if w <= 0:
+        except ValueError:  # no weight (a ':' may belong to the path, e.g. gs://)
+            prefix, w = item.strip(), 1.0
+        if w <= 0 or not prefix:
             raise StageError(f"config key 'dit_train.data': bad weight in {item!r} "
                              "(expected prefix[:positive weight])")
         try:
@@ -396,7 +396,7 @@ def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     from sora_jax.train.trainer import TrainTask, train
 
     save_config(cfg, workdir)
-    source, text_table = dit_sources(cfg, workdir)
+    source, text_table = dit_sources(cfg, workdir, progress)
     dataset = packed_dataset(source, cfg.dit_train, tuple(cfg.dit.patch), cfg.dit_train.seed,
                              text_table=text_table)
     dit = build_dit(cfg)
