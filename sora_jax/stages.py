@@ -382,9 +382,17 @@ def dit_sources(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = T
             raise StageError(f"config key 'dit_train.data': bad weight in {item!r} "
                              "(expected prefix[:positive weight])")
         try:
-            datasets.append(read_encoded(prefix))
+            ds = read_encoded(prefix)
         except FileNotFoundError as e:
             raise StageError(f"config key 'dit_train.data': {e}") from None
+        if len(ds) == 0:
+            raise StageError(f"config key 'dit_train.data': {prefix} holds no records")
+        channels = np.shape(ds[0]["latent"])[-1]
+        if channels != cfg.vae.latent_channels:  # latents of another VAE than this config's
+            raise StageError(f"config key 'dit_train.data': {prefix} holds {channels}-channel "
+                             f"latents but vae.latent_channels is {cfg.vae.latent_channels}; "
+                             "train with the config of the VAE run that encoded them")
+        datasets.append(ds)
         weights.append(w)
     return mixed_source(datasets, weights, process_index=pi, process_count=pc), None
 

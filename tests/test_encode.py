@@ -207,3 +207,5 @@ def test_train_dit_on_ingested_data_compiles_its_step_once(single, tmp_path, cap
     assert json.loads(capsys.readouterr().out)["resumed_from"] == 4
     bad = argv[:6] + ["--config.dit_train.data=/nonexistent/latents"]
     assert run(bad) == 2 and "dit_train.data" in capsys.readouterr().err
+    other_vae = argv[:7] + ["--config.vae.latent_channels=3"]
+    assert run(other_vae) == 2 and "4-channel latents" in capsys.readouterr().err
