@@ -14,30 +14,21 @@ import time
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 
-def _time_step(model, loss_fn, batch, steps):
-    opt = nnx.Optimizer(model, optax.adam(1e-4), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, opt))
+def _time_step(model, loss_fn, batch, steps, train_cfg):
+    from sora_jax.train.trainer import TrainStep, make_optimizer
 
-    @jax.jit
-    def step(state, batch, key):
-        m, o = nnx.merge(graphdef, state)
-        (loss, _), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch, key), has_aux=True)(m)
-        o.update(m, grads)
-        return nnx.state((m, o)), loss
-
+    tx, schedule = make_optimizer(train_cfg)
+    step = TrainStep(model, nnx.Optimizer(model, tx, wrt=nnx.Param), loss_fn, schedule, seed=0)
     t0 = time.perf_counter()
-    state, loss = step(state, batch, jax.random.key(0))
-    loss.block_until_ready()
+    jax.block_until_ready(step(batch, 0)["loss"])
     compile_s = time.perf_counter() - t0
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
-        state, loss = step(state, batch, jax.random.key(i + 1))
-        loss.block_until_ready()
+        jax.block_until_ready(step(batch, i + 1)["loss"])
         times.append(time.perf_counter() - t0)
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return float(np.median(times)), compile_s, int(params)
@@ -57,17 +48,20 @@ def main():
     rng = np.random.default_rng(0)
     t, h, w = cfg.vae_train.crop
     video = rng.uniform(-1, 1, (cfg.vae_train.batch_size, t, h, w, 3)).astype(np.float32)
-    vae_s, vae_c, vae_p = _time_step(build_vae(cfg), vae_loss_fn(cfg.vae_loss), {"video": video}, args.steps)
+    vae_s, vae_c, vae_p = _time_step(build_vae(cfg), vae_loss_fn(cfg.vae_loss), {"video": video}, args.steps,
+                                     cfg.vae_train)
 
     d = cfg.dit_train
-    b, l, lt, per_row = d.batch_size, d.row_length, d.text_length, max(1, d.examples_per_step // d.batch_size)
+    # rows of equal-sized examples, as many per row as the text room allows (cost is shape-bound)
+    b, l, lt = d.batch_size, d.row_length, d.text_length
+    per_row = max(1, min(d.max_examples_per_row or 8, lt // cfg.text.max_length))
     seg = (np.arange(l) * per_row // l + 1)[None].repeat(b, 0).astype(np.int32)
     tseg = (np.arange(lt) * per_row // lt + 1)[None].repeat(b, 0).astype(np.int32)
     batch = dict(tokens=rng.standard_normal((b, l, dit_in_dim(cfg))).astype(np.float32), segment_ids=seg,
                  positions=rng.integers(0, 8, (b, l, 3)).astype(np.int32), timesteps=np.zeros((b, l), np.float32),
                  loss_mask=np.ones((b, l), np.float32), text=rng.standard_normal((b, lt, 384)).astype(np.float32),
                  text_segment_ids=tseg)
-    dit_s, dit_c, dit_p = _time_step(build_dit(cfg), dit_loss_fn(cfg.flow), batch, args.steps)
+    dit_s, dit_c, dit_p = _time_step(build_dit(cfg), dit_loss_fn(cfg.flow), batch, args.steps, d)
     print(json.dumps({
         "config": args.config, "device": str(jax.devices()[0]),
         "vae_step_s": round(vae_s, 4), "vae_compile_s": round(vae_c, 2), "vae_params": vae_p,
