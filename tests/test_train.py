@@ -142,6 +142,8 @@ def test_dataset_task_resumes_the_iterator_exactly(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params(resumed), params(straight))
     ckpt = Checkpointer(str(tmp_path / "b" / "checkpoints"))
     assert ckpt.restore_data_state(6) == {"next_index": 6 * 32}  # 6 batches of 32 consumed
+    # one file per process (Grain's Orbax handler), so every host resumes its own shard
+    assert (tmp_path / "b" / "checkpoints" / "6" / "data" / "process_0-of-1.json").is_file()
     ckpt.close()
 
 

@@ -2,15 +2,18 @@
 
 Layout under ``<workdir>/checkpoints/<step>/``: ``model`` (parameters), ``optimizer`` (optax state
 and step counter), ``meta`` (JSON: step, run name, config) and, for iterator-fed runs, ``data``
-(JSON: the Grain iterator state after the last consumed batch). Inference restores ``model``
-alone.
+(the Grain iterator state after the last consumed batch, written by Grain's own Orbax handler
+as one ``process_<i>-of-<n>.json`` per process: every host resumes its own shard's position).
+Inference restores ``model`` alone.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -22,6 +25,26 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class _IteratorState:
+    """One process's recorded iterator state, in the shape Grain's Orbax handler saves.
+
+    The trainer prepares batches one step ahead, so the live iterator is past the step being
+    checkpointed; this carries the state recorded right after that step's batch instead.
+    """
+
+    def __init__(self, state: dict[str, Any] | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes):
+        self.state = json.loads(state)
+
+    def start_prefetch(self):  # part of the interface Grain's restore calls
+        pass
 
 
 class Checkpointer:
@@ -56,7 +79,7 @@ class Checkpointer:
         if optimizer is not None:
             items["optimizer"] = ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer)))
         if data_state is not None:
-            items["data"] = ocp.args.JsonSave(data_state)
+            items["data"] = grain.checkpoint.CheckpointSave(_IteratorState(data_state))
         self.manager.save(int(step), args=ocp.args.Composite(**items))
 
     def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, step: int | None = None) -> dict:
@@ -94,8 +117,9 @@ class Checkpointer:
         path = os.path.join(self.directory, str(step), "data")
         if not os.path.isdir(path):
             return None
-        restored = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
-        return dict(restored["data"])
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(_IteratorState())))
+        return dict(restored["data"].state)
 
     def wait(self):
         """Blocks until pending asynchronous saves are on disk."""
