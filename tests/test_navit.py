@@ -187,3 +187,30 @@ def test_packing_is_dense_at_large_rows():
                                             packing_bins=16, max_examples_per_row=32), PATCH, seed=0), 8)]
     assert np.mean([s["padding_fraction"] for s in stats]) < 0.05
     assert np.mean([s["examples_per_row"] for s in stats]) > 3
+
+
+def test_two_jax_processes_read_disjoint_complete_shards(tmp_path):
+    """Two real processes (jax.distributed on localhost): each reads its own shard."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # each child has its own device count
+    procs = [subprocess.Popen([sys.executable, os.path.join(here, "_shard_worker.py"), str(port),
+                               str(i), str(tmp_path / f"p{i}.json"), here], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out.decode()[-2000:]
+    res = [json.load(open(tmp_path / f"p{i}.json")) for i in range(2)]
+    assert [r["process"] for r in res] == [0, 1] and all(r["count"] == 2 for r in res)
+    a, b = set(res[0]["ids"]), set(res[1]["ids"])
+    assert not a & b and a | b == set(range(50))
+    assert set(res[0]["batch_ids"]) <= a and set(res[1]["batch_ids"]) <= b
