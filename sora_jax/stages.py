@@ -356,7 +356,8 @@ def dit_sources(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = T
     ``sora-jax encode`` (text states inline), mixed by weight.
 
     Raises:
-      StageError: a listed dataset is missing or a weight is not a positive number.
+      StageError: a listed dataset is missing or empty, a weight is not a positive number, or
+        its latents have another channel count than ``vae.latent_channels``.
     """
     from data_pipelines.records import read_dataset
     from sora_jax.data.pipeline import mixed_source
@@ -437,7 +438,7 @@ def dit_heldout_loss(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Modu
     kwargs = dict(cfg.flow.to_dict(), caption_dropout=0.0)
     graphdef, state = nnx.split(dit)
     loss_jit = jax.jit(lambda st, b, k: rectified_flow_loss(nnx.merge(graphdef, st), b, k, **kwargs)[0])
-    losses, k = [], 10
+    losses, k = [], 10  # examples per scored batch, each in its own row
     for b in range(num_batches):
         chunk = examples[b * k : (b + 1) * k]
         if not chunk:

@@ -174,7 +174,8 @@ def packed_dataset(source: grain.MapDataset, cfg: ml_collections.ConfigDict,
     and restore the exact position (used by the trainer).
 
     Args:
-      source: records (see :class:`NaViTExample`), already sharded for this process.
+      source: records (see :class:`NaViTExample`), already sharded for this process
+        (:func:`mixed_source`); ``batch_size`` rows are this process's part of the batch.
       cfg: the ``dit_train`` section (``batch_size``, ``row_length``, ``text_length``,
         ``packing_bins``, ``max_examples_per_row`` and :class:`NaViTExample`'s fields).
       patch: DiT patch (pt, ph, pw).
