@@ -166,14 +166,14 @@ def main(argv=None):
     packed = run("packing", iter(packed_dataset(source, cfg, PATCH, seed=0)), model_fn, cfg,
                  flow_cfg, args.steps)
     # the baseline gets enough steps to process about the same number of real tokens
-    tokens_per_bucket_step = []
+    bucket_batches, seen = [], 0
     for _, batch in bucketed_batches(source, cfg, seed=0):
-        tokens_per_bucket_step.append(int(np.sum(batch["segment_ids"] != 0)))
-        if sum(tokens_per_bucket_step) >= packed["real_tokens"]:
+        bucket_batches.append(batch)
+        seen += int(np.sum(batch["segment_ids"] != 0))
+        if seen >= packed["real_tokens"]:
             break
-    bucket_steps = len(tokens_per_bucket_step)
-    bucketed = run("bucketing", (b for _, b in bucketed_batches(source, cfg, seed=0)), model_fn,
-                   cfg, flow_cfg, bucket_steps)
+    bucket_steps = len(bucket_batches)
+    bucketed = run("bucketing", iter(bucket_batches), model_fn, cfg, flow_cfg, bucket_steps)
     out = {
         "row_length": args.row_length,
         "rows_per_step": args.batch_size,

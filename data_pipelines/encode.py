@@ -248,13 +248,13 @@ def encode(
     from tqdm.auto import tqdm
 
     from sora_jax.io import to_float
-    from sora_jax.stages import _cached_text_encoder
+    from sora_jax.stages import text_encoder as cached_text_encoder
 
     src = records.read_dataset(dataset_prefix)
     indices = range(process_index, len(src), process_count)
     codec = _codec(cfg, vae_workdir, (os.path.abspath(vae_workdir), step, key["latent_stats_sha1"],
                                       json.dumps(key["vae_config"], sort_keys=True)))
-    text_encoder = _cached_text_encoder(text_max_length)
+    text_encoder = cached_text_encoder(text_max_length)
     tds, sds = int(cfg.vae.temporal_downsample), int(cfg.vae.spatial_downsample)
 
     skipped: list[dict] = []

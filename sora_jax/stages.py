@@ -273,13 +273,10 @@ def train_vae(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     return summary
 
 
-def _text_encoder(cfg):
-    return _cached_text_encoder(cfg.text.max_length)
-
-
 @functools.lru_cache(maxsize=2)
-def _cached_text_encoder(max_length: int):
-    # The frozen encoder is loaded once per process: the quickstart needs it in three stages.
+def text_encoder(max_length: int):
+    """The frozen MiniLM :class:`TextEncoder` for ``max_length`` tokens, loaded once per process
+    (the quickstart needs it in three stages, ``data_pipelines.encode`` in another)."""
     from sora_jax.models.text_encoder import TextEncoder
 
     return TextEncoder(max_length=max_length)
@@ -312,7 +309,7 @@ def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool 
     records = [src[i] for i in range(len(src))]
     captions = sorted({str(r["caption"]) for r in records})
     cid = {c: i for i, c in enumerate(captions)}
-    states, masks = _text_encoder(cfg).encode(captions, pad_to=cfg.text.max_length)
+    states, masks = text_encoder(cfg.text.max_length).encode(captions, pad_to=cfg.text.max_length)
     np.savez(p["text_states"], captions=np.asarray(captions), states=states.astype(np.float32),
              masks=masks.astype(bool))
     by_shape: dict[tuple, list[int]] = {}
@@ -427,7 +424,7 @@ def dit_heldout_loss(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Modu
     codec = load_codec(cfg, workdir)
     data = read_dataset(_datasets(workdir)["moving_mnist_eval"])
     records = [data[i] for i in range(len(data))]
-    states, masks = _text_encoder(cfg).encode([str(r["caption"]) for r in records],
+    states, masks = text_encoder(cfg.text.max_length).encode([str(r["caption"]) for r in records],
                                               pad_to=cfg.text.max_length)
     examples = []
     for r, s, m in zip(records, states, masks):
@@ -468,7 +465,7 @@ class Generator:
         self.codec = load_codec(cfg, workdir)
         self.dit = build_dit(cfg)
         self.dit_step = _restore(self.dit, paths(workdir)["dit"], "dit")
-        self.text_encoder = _text_encoder(cfg)
+        self.text_encoder = text_encoder(cfg.text.max_length)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Latent (t, h, w, c) for a pixel request; StageError if the request is impossible."""

@@ -103,11 +103,11 @@ def test_latents_match_the_vae_and_latent_shape(vae_run, clips, single):
 
 def test_text_states_are_the_kept_caption_tokens(vae_run, single):
     from sora_jax.models.text_encoder import TextEncoder
-    from sora_jax.stages import _cached_text_encoder
+    from sora_jax.stages import text_encoder as cached_text_encoder
 
     _, cfg = vae_run
     out, _ = single
-    encoder = _cached_text_encoder(cfg.text.max_length)
+    encoder = cached_text_encoder(cfg.text.max_length)
     assert isinstance(encoder, TextEncoder)
     for r in read_encoded(out):
         states, mask = encoder.encode([r["caption"]], pad_to=cfg.text.max_length)
