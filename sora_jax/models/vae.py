@@ -48,7 +48,13 @@ __all__ = [
     "CausalEncoder",
     "CausalDecoder",
     "CausalVAE",
+    "LatentStat",
 ]
+
+class LatentStat(nnx.Variable):
+    """Per-channel latent statistic (shift or scale) stored in the model, so it is saved and
+    restored with every checkpoint; not a ``nnx.Param``, so the optimizer never updates it."""
+
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
@@ -351,9 +357,9 @@ def _stage_plan(
             "spatial_downsample must be a power of 2 (1, 2, 4, 8, 16, ...), "
             f"got {spatial_downsample!r}"
         )
-    if temporal_downsample not in (1, 2, 4):
+    if temporal_downsample not in (1, 2, 4, 8):
         raise ValueError(
-            f"temporal_downsample must be 1, 2 or 4, got {temporal_downsample!r}"
+            f"temporal_downsample must be 1, 2, 4 or 8, got {temporal_downsample!r}"
         )
     n_s = int(math.log2(spatial_downsample))
     n_t = int(math.log2(temporal_downsample))
@@ -526,6 +532,25 @@ class CausalDecoder(nnx.Module):
         return self.conv_out(nnx.silu(self.norm_out(h)))
 
 
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+    """(B, T, H, W, C) -> (B, T, H / p, W / p, p * p * C): each p x p pixel block to channels."""
+    if p == 1:
+        return x
+    b, t, h, w, c = x.shape
+    x = x.reshape(b, t, h // p, p, w // p, p, c)
+    return x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+    """Inverse of ``space_to_depth``: (B, T, h, w, p * p * C) -> (B, T, h * p, w * p, C)."""
+    if p == 1:
+        return x
+    b, t, h, w, pc = x.shape
+    c = pc // (p * p)
+    x = x.reshape(b, t, h, w, p, p, c)
+    return x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h * p, w * p, c)
+
+
 def _call_block(block: nnx.Module, x: jax.Array) -> jax.Array:
     return block(x)
 
@@ -558,7 +583,11 @@ class CausalVAE(nnx.Module):
         max(log2(spatial_downsample), log2(temporal_downsample)) levels (one down stage per level).
       num_res_blocks: ResNet blocks per level (encoder and decoder alike).
       spatial_downsample: s, a power of 2.
-      temporal_downsample: 1, 2 or 4.
+      temporal_downsample: 1, 2, 4 or 8.
+      patch_size: p, pixels folded into channels before the first conv (space-to-depth, as the
+        LTX-Video and DC-AE autoencoders do) and unfolded after the last; the convolutional
+        stages then downsample by spatial_downsample / p. p > 1 runs the widest, costliest layers
+        at 1/p^2 of the pixels. A power of 2 dividing spatial_downsample.
       norm_groups: upper bound on GroupNorm groups; each norm uses the largest divisor of its
         channels that is <= min(norm_groups, channels // 4).
       mid_attention: add per-frame self-attention in the encoder and decoder middles.
@@ -583,6 +612,7 @@ class CausalVAE(nnx.Module):
         num_res_blocks: int = 1,
         spatial_downsample: int = 8,
         temporal_downsample: int = 4,
+        patch_size: int = 1,
         norm_groups: int = 32,
         mid_attention: bool = False,
         remat: bool = False,
@@ -590,6 +620,10 @@ class CausalVAE(nnx.Module):
         dtype=None,
         rngs: nnx.Rngs,
     ):
+        if not _is_pow2(patch_size) or not _is_pow2(spatial_downsample) or (
+                spatial_downsample % patch_size):
+            raise ValueError(f"patch_size must be a power of 2 dividing spatial_downsample="
+                             f"{spatial_downsample}, got {patch_size!r}")
         for name, val, lo in (
             ("in_channels", in_channels, 1),
             ("latent_channels", latent_channels, 1),
@@ -600,11 +634,16 @@ class CausalVAE(nnx.Module):
             if not isinstance(val, int) or val < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
         channel_mults = tuple(channel_mults)
-        n_s, n_t, _ = _stage_plan(channel_mults, spatial_downsample, temporal_downsample)
+        n_s, n_t, _ = _stage_plan(channel_mults, spatial_downsample // patch_size,
+                                  temporal_downsample)
         self.in_channels = in_channels
         self.latent_channels = latent_channels
         self.spatial_downsample = spatial_downsample
         self.temporal_downsample = temporal_downsample
+        self.patch_size = patch_size
+        # Filled in from training data after training (``sora_jax.latents.latent_statistics``).
+        self.latent_shift = LatentStat(jnp.zeros((latent_channels,), jnp.float32))
+        self.latent_scale = LatentStat(jnp.ones((latent_channels,), jnp.float32))
         common = dict(
             latent_channels=latent_channels,
             base_channels=base_channels,
@@ -618,8 +657,9 @@ class CausalVAE(nnx.Module):
             dtype=dtype,
             rngs=rngs,
         )
-        self.encoder = CausalEncoder(in_channels=in_channels, logvar_init=logvar_init, **common)
-        self.decoder = CausalDecoder(out_channels=in_channels, **common)
+        pixels = in_channels * patch_size * patch_size
+        self.encoder = CausalEncoder(in_channels=pixels, logvar_init=logvar_init, **common)
+        self.decoder = CausalDecoder(out_channels=pixels, **common)
 
     # ---- shape helpers (no parameters touched) ----
 
@@ -682,7 +722,7 @@ class CausalVAE(nnx.Module):
             )
         _, T, H, W, _ = video.shape
         self._check_video_dims(T, H, W, what=f"video of shape {tuple(video.shape)}")
-        return self.encoder(video)
+        return self.encoder(space_to_depth(video, self.patch_size))
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Decodes latents to video.
@@ -702,7 +742,7 @@ class CausalVAE(nnx.Module):
                 f"decode expects latents of shape (B, t, h, w, {self.latent_channels}) with "
                 f"t, h, w >= 1, got {z.shape}"
             )
-        return self.decoder(z)
+        return depth_to_space(self.decoder(z), self.patch_size)
 
     def __call__(
         self,
