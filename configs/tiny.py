@@ -17,6 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dit.update(hidden_size=32, depth=1, num_heads=2)
     c.dit_train.update(steps=3, batch_size=2, log_every=1, checkpoint_every=2, warmup_steps=1,
                        packing_bins=2)
+    c.vae_eval.update(max_videos=3, max_images=3, max_digits=4, batch=2)
     c.sample.update(steps=2)
     c.evaluate.update(num_samples=2, batch=2)
     return c

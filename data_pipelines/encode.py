@@ -29,9 +29,11 @@ Output record::
 Within a process output, records are in the order their batch was encoded (records are grouped
 by (T, H, W) shape), not input order; ``index`` gives the input position.
 
-A stamp makes reruns free: when ``done.json`` exists and records the same VAE checkpoint step,
-latent statistics, config, text length, input dataset fingerprint (meta and shard sizes/mtimes),
-process split and shard count, ``encode`` returns it without loading any model.
+A stamp makes reruns free: when ``done.json`` exists and records the same VAE checkpoint (step
+and a SHA-1 of its saved model files, which hold the weights and the latent statistics,
+``sora_jax.stages.checkpoint_fingerprint``), config, text length, input dataset fingerprint
+(meta and shard sizes/mtimes), process split and shard count, ``encode`` returns it without
+loading any model.
 
 Run: ``python -m data_pipelines.encode --data PREFIX --vae-workdir DIR --output PREFIX``.
 """
@@ -106,14 +108,6 @@ def _dataset_fingerprint(prefix: str) -> dict:
                 shards=shards)
 
 
-def _latest_step(vae_dir: str) -> Optional[int]:
-    ckpt = os.path.join(vae_dir, "checkpoints")
-    if not os.path.isdir(ckpt):
-        return None
-    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()]
-    return max(steps) if steps else None
-
-
 def _load_config(vae_workdir: str):
     from sora_jax import config as config_lib
 
@@ -125,7 +119,7 @@ def _load_config(vae_workdir: str):
         return config_lib.from_json(f.read())
 
 
-# One codec per (run folder, checkpoint, statistics): every VAECodec jits its own functions, so
+# One codec per (run folder, checkpoint, config): every VAECodec jits its own functions, so
 # reusing it saves a compile per shape when one process encodes several outputs.
 _CODECS: dict[tuple, Any] = {}
 
@@ -175,8 +169,8 @@ def encode(
       dataset_prefix: input records prefix (``records.read_dataset``); records need ``video``
         uint8 (T, H, W, 3) and ``caption`` str; ``source``, ``fps``, ``kind``, ``start_s``,
         ``end_s`` are copied when present.
-      vae_workdir: a run folder with ``config.json``, ``vae/checkpoints/<step>`` and
-        ``vae/latent_stats.json`` (``sora-jax train-vae``).
+      vae_workdir: a run folder with ``config.json`` and ``vae/checkpoints/<step>`` (weights
+        and latent statistics; ``sora-jax train-vae``).
       output_prefix: output prefix P; this process writes ``process_prefix(P, i, n)``.
       batch_size: clips per VAE call (>= 1); clips are grouped by (T, H, W).
       text_max_length: caption tokens kept, [CLS] and [SEP] included (default the run's
@@ -197,8 +191,7 @@ def encode(
       up-to-date output was found and nothing was done).
 
     Raises:
-      FileNotFoundError: the dataset, the run's config, checkpoint or latent statistics is
-        missing. ValueError: bad batch_size / num_shards / process split.
+      FileNotFoundError: the dataset, the run's config or its VAE checkpoint is missing. ValueError: bad batch_size / num_shards / process split.
     """
     t0 = time.time()
     if batch_size < 1:
@@ -215,19 +208,17 @@ def encode(
                          f"{process_count}")
     cfg = _load_config(vae_workdir)
     text_max_length = int(text_max_length or cfg.text.max_length)
+    from sora_jax.stages import checkpoint_fingerprint
+
     vae_dir = os.path.join(vae_workdir, "vae")
-    step = _latest_step(vae_dir)
-    stats_path = os.path.join(vae_dir, "latent_stats.json")
-    if step is None:
+    checkpoint = checkpoint_fingerprint(vae_dir)
+    if checkpoint is None:
         raise FileNotFoundError(f"no VAE checkpoint in {vae_dir}: run `sora-jax train-vae` first")
-    if not os.path.isfile(stats_path):
-        raise FileNotFoundError(f"latent statistics not found: {stats_path} "
-                                "(run `sora-jax train-vae`)")
     key = dict(
         version=ENCODE_VERSION,
         dataset_fingerprint=_dataset_fingerprint(dataset_prefix),
-        vae_step=step,
-        latent_stats_sha1=_sha1_file(stats_path),
+        vae_step=checkpoint["step"],
+        vae_checkpoint_sha1=checkpoint["sha1"],
         vae_config=cfg.vae.to_dict(),
         text_max_length=text_max_length,
         process_index=int(process_index),
@@ -252,7 +243,7 @@ def encode(
 
     src = records.read_dataset(dataset_prefix)
     indices = range(process_index, len(src), process_count)
-    codec = _codec(cfg, vae_workdir, (os.path.abspath(vae_workdir), step, key["latent_stats_sha1"],
+    codec = _codec(cfg, vae_workdir, (os.path.abspath(vae_workdir), key["vae_checkpoint_sha1"],
                                       json.dumps(key["vae_config"], sort_keys=True)))
     text_encoder = cached_text_encoder(text_max_length)
     tds, sds = int(cfg.vae.temporal_downsample), int(cfg.vae.spatial_downsample)
@@ -404,7 +395,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Encode an ingested clip dataset to VAE latents and text states.")
     p.add_argument("--data", required=True, help="input dataset prefix (from ingest)")
     p.add_argument("--vae-workdir", required=True,
-                   help="run folder with config.json, vae/checkpoints and vae/latent_stats.json")
+                   help="run folder with config.json and vae/checkpoints (sora-jax train-vae)")
     p.add_argument("--output", required=True, help="output prefix")
     p.add_argument("--batch-size", type=int, default=8, help="clips per VAE call (8)")
     p.add_argument("--text-max-length", type=int, default=None,

@@ -1,6 +1,6 @@
 """``sora-jax``: the command line.
 
-Subcommands: prepare-data, train-vae, train-dit, generate, evaluate, quickstart.
+Subcommands: prepare-data, train-vae, evaluate-vae, train-dit, generate, evaluate, quickstart.
 Every subcommand takes ``--config path/to/config.py[:arg]`` (default: the quickstart config),
 ``--workdir DIR`` and any number of ``--config.a.b=value`` overrides.
 
@@ -39,7 +39,12 @@ def _parser() -> argparse.ArgumentParser:
         return s
 
     add("prepare-data", "build the offline real-data datasets (ArrayRecord)")
-    add("train-vae", "train the causal spacetime VAE; writes latent statistics and held-out PSNR/SSIM")
+    add("train-vae", "train the autoencoder (vae.kind: causal VAE, or identity = pixel mode); "
+                     "stores latent statistics in its checkpoint, runs evaluate-vae")
+    e = add("evaluate-vae", "autoencoder PSNR/SSIM on the named held-out video and image sets "
+                            "(config section vae_eval)")
+    e.add_argument("--out", default=None,
+                   help="output JSON file (default: <workdir>/vae/evaluate_vae.json)")
     add("train-dit", "encode latents and train the packed DiT with rectified flow")
     g = add("generate", "text-to-video samples from a trained run")
     g.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
@@ -122,6 +127,8 @@ def run(argv: list[str] | None = None) -> int:
             out = stages.prepare_data(cfg, wd, progress)
         elif args.command == "train-vae":
             out = stages.train_vae(cfg, wd, progress)
+        elif args.command == "evaluate-vae":
+            out = stages.evaluate_vae(cfg, wd, out=args.out)
         elif args.command == "train-dit":
             out = stages.train_dit(cfg, wd, progress)
         elif args.command == "generate":

@@ -1,14 +1,15 @@
-"""Moving between pixels and normalised latents with a trained VAE.
+"""Moving between pixels and normalised latents with a trained autoencoder.
 
 The DiT sees latents standardised per channel, ``(z - shift) / scale``, with ``shift`` and
-``scale`` the per-channel mean and standard deviation of VAE posterior means over training data
-(as Stable Diffusion's scaling factor, per channel as in Wan and HunyuanVideo).
+``scale`` the per-channel mean and standard deviation of posterior means over training data
+(as Stable Diffusion's scaling factor, per channel as in Wan and HunyuanVideo). The statistics
+live in the autoencoder itself, as its ``latent_shift`` / ``latent_scale`` variables
+(``sora_jax.models.vae.LatentStat``), so every checkpoint carries the statistics of its own
+weights and restoring the checkpoint is all a later stage needs.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Iterable
 
 import jax
@@ -16,68 +17,131 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+__all__ = ["VAECodec", "latent_statistics", "set_latent_statistics"]
+
 
 class VAECodec:
-    """Jitted encode / decode of a ``CausalVAE`` plus latent normalisation.
+    """Jitted encode / decode of an autoencoder plus latent normalisation.
+
+    Works with any module that has the interface of ``sora_jax.models.vae.CausalVAE`` used
+    here: ``latent_channels``, ``encode(video) -> (mean, logvar)``, ``decode(z)`` and the
+    ``LatentStat`` variables ``latent_shift`` / ``latent_scale`` (float32 (c,)); e.g.
+    ``CausalVAE`` or ``sora_jax.models.pixel.IdentityAutoencoder``.
+
+    The statistics are read from the model on every call (no copy is kept), so statistics
+    restored from a checkpoint or written by :func:`set_latent_statistics` take effect at once.
 
     Args:
-      vae: a trained ``sora_jax.models.vae.CausalVAE``.
-      shift, scale: per-channel statistics, float32 (c,); identity when None.
+      vae: the trained autoencoder.
+      chunk, tile, overlap: 0 / None: encode and decode each video in one pass. Otherwise a
+        ``CausalVAE`` runs through ``sora_jax.models.vae_streaming.StreamingVAE``: ``chunk``
+        latent frames per time chunk with a feature cache (memory independent of the length;
+        equal to the whole pass within float tolerance), and / or spatial tiles of ``tile``
+        pixels overlapping by ``overlap`` pixels, blended linearly.
     """
 
-    def __init__(self, vae: nnx.Module, shift: np.ndarray | None = None, scale: np.ndarray | None = None):
+    def __init__(self, vae: nnx.Module, *, chunk: int | None = None, tile: int | None = None,
+                 overlap: int | None = None):
+        # nnx.split shares the Variable objects with ``vae``: later writes into the model
+        # (checkpoint restores, statistics) are seen by the jitted functions through ``state``.
         self.graphdef, self.state = nnx.split(vae)
         self.vae = vae
-        c = vae.latent_channels
-        self.shift = np.zeros((c,), np.float32) if shift is None else np.asarray(shift, np.float32)
-        self.scale = np.ones((c,), np.float32) if scale is None else np.asarray(scale, np.float32)
         graphdef = self.graphdef
         self._encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x)[0])
         self._decode = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
+        self.streaming = None
+        if chunk or tile:
+            from sora_jax.models.vae_streaming import StreamingVAE
+
+            # StreamingVAE copies the weights: build the codec after restoring a checkpoint
+            self.streaming = StreamingVAE(vae, chunk=chunk or None, tile=tile or None,
+                                          overlap=overlap or None)
+
+    @property
+    def shift(self) -> np.ndarray:
+        """Per-channel latent mean, float32 (c,), from the model's ``latent_shift``."""
+        return np.asarray(self.vae.latent_shift[...], np.float32)
+
+    @property
+    def scale(self) -> np.ndarray:
+        """Per-channel latent standard deviation, float32 (c,), from ``latent_scale``."""
+        return np.asarray(self.vae.latent_scale[...], np.float32)
+
+    def normalize(self, z: np.ndarray) -> np.ndarray:
+        """Raw latents (..., c) -> ``(z - shift) / scale``, float32."""
+        return (np.asarray(z, np.float32) - self.shift) / self.scale
+
+    def denormalize(self, latents: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`normalize`: ``latents * scale + shift``, float32 (..., c)."""
+        return np.asarray(latents, np.float32) * self.scale + self.shift
+
+    def encode_raw(self, video: np.ndarray) -> np.ndarray:
+        """(B, T, H, W, C) float32 pixels in [-1, 1] -> (B, t, h, w, c) raw posterior means.
+
+        Raises:
+          ValueError: the video shape does not fit the model (see its ``encode``).
+        """
+        if self.streaming is not None:
+            return np.asarray(self.streaming.encode(np.asarray(video, np.float32)))
+        return np.asarray(self._encode(self.state, jnp.asarray(video, jnp.float32)))
 
     def encode(self, video: np.ndarray) -> np.ndarray:
-        """(B, T, H, W, 3) float32 pixels in [-1, 1] -> (B, t, h, w, c) normalised posterior means."""
-        z = np.asarray(self._encode(self.state, jnp.asarray(video, jnp.float32)))
-        return (z - self.shift) / self.scale
+        """(B, T, H, W, C) float32 pixels in [-1, 1] -> (B, t, h, w, c) normalised posterior
+        means, float32. Raises ValueError as :meth:`encode_raw`."""
+        return self.normalize(self.encode_raw(video))
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """(B, t, h, w, c) normalised latents -> (B, T, H, W, 3) float32 pixels clipped to [-1, 1]."""
-        z = np.asarray(latents, np.float32) * self.scale + self.shift
+        """(B, t, h, w, c) normalised latents -> (B, T, H, W, C) float32 pixels clipped to [-1, 1]."""
+        z = self.denormalize(latents)
+        if self.streaming is not None:
+            return np.clip(self.streaming.decode(z), -1.0, 1.0)
         return np.clip(np.asarray(self._decode(self.state, jnp.asarray(z))), -1.0, 1.0)
 
     def reconstruct(self, video: np.ndarray) -> np.ndarray:
-        """Encode then decode (posterior mean): the VAE round trip of ``video``."""
+        """Encode then decode (posterior mean): the autoencoder round trip of ``video``."""
         return self.decode(self.encode(video))
-
-    def save_stats(self, path: str):
-        with open(path, "w") as f:
-            json.dump({"shift": self.shift.tolist(), "scale": self.scale.tolist()}, f)
-
-    def load_stats(self, path: str):
-        """Reads ``latent_stats.json``; raises FileNotFoundError naming the file."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"latent statistics not found: {path} (run `sora-jax train-vae`)")
-        with open(path) as f:
-            d = json.load(f)
-        self.shift = np.asarray(d["shift"], np.float32)
-        self.scale = np.asarray(d["scale"], np.float32)
 
 
 def latent_statistics(codec: VAECodec, videos: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of raw (unnormalised) latents over ``videos``.
 
+    Accumulated in float64 over every latent position of every batch (population variance).
+
     Args:
-      videos: iterable of (B, T, H, W, 3) float32 batches in [-1, 1].
+      codec: the codec of the model whose latents are measured.
+      videos: iterable of (B, T, H, W, C) float32 batches in [-1, 1].
     Returns:
-      (shift, scale), float32 (c,) each; scale is floored at 1e-4.
+      (shift, scale), float32 (c,) each; scale is floored at 1e-4 so that a dead channel does
+      not blow up the normalisation.
+    Raises:
+      ValueError: ``videos`` is empty.
     """
     total, total_sq, count = 0.0, 0.0, 0
     for video in videos:
-        z = np.asarray(codec._encode(codec.state, jnp.asarray(video, jnp.float32)), np.float64)
+        z = codec.encode_raw(video).astype(np.float64)
         z = z.reshape(-1, z.shape[-1])
         total = total + z.sum(0)
         total_sq = total_sq + (z * z).sum(0)
         count += z.shape[0]
+    if count == 0:
+        raise ValueError("latent_statistics: no videos given")
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
     return mean.astype(np.float32), np.maximum(std, 1e-4).astype(np.float32)
+
+
+def set_latent_statistics(vae: nnx.Module, videos: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Measures :func:`latent_statistics` of ``vae`` on ``videos`` and writes them into its
+    ``latent_shift`` / ``latent_scale`` variables (so the next checkpoint save carries them).
+
+    The statistics are measured with the model's current shift / scale ignored (raw latents).
+
+    Returns:
+      (shift, scale), float32 (c,) each, as written.
+    Raises:
+      ValueError: ``videos`` is empty.
+    """
+    shift, scale = latent_statistics(VAECodec(vae), videos)
+    vae.latent_shift[...] = jnp.asarray(shift)
+    vae.latent_scale[...] = jnp.asarray(scale)
+    return shift, scale

@@ -4,7 +4,8 @@ A workdir holds everything one run produces::
 
   config.json          the resolved config
   data/                ArrayRecord datasets + manifest.json          (prepare-data)
-  vae/                 checkpoints/, logs/, latent_stats.json, eval.json  (train-vae)
+  vae/                 checkpoints/ (weights + latent statistics), logs/,
+                       evaluate_vae.json                             (train-vae, evaluate-vae)
   latents/             encoded training latents + text_states.npz   (encode, run by train-dit)
   dit/                 checkpoints/, logs/                           (train-dit)
   samples/, eval/      generated videos and prompt-adherence results (generate, evaluate)
@@ -44,7 +45,7 @@ def paths(workdir: str) -> dict[str, str]:
     j = lambda *p: os.path.join(workdir, *p)  # noqa: E731
     return dict(
         config=j("config.json"), data=j("data"), vae=j("vae"), latents=j("latents"), dit=j("dit"),
-        latent_stats=j("vae", "latent_stats.json"), text_states=j("latents", "text_states.npz"),
+        vae_eval=j("vae", "evaluate_vae.json"), text_states=j("latents", "text_states.npz"),
         latents_train=j("latents", "latents_train"),
         samples=j("samples"), eval=j("eval"),
     )
@@ -56,10 +57,33 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: str):
         f.write(config_lib.to_json(cfg))
 
 
-def build_vae(cfg: ml_collections.ConfigDict) -> nnx.Module:
-    from sora_jax.models.vae import CausalVAE
+VAE_KINDS = ("causal", "identity")
 
-    return CausalVAE(**cfg.vae.to_dict(), rngs=nnx.Rngs(cfg.seed))
+
+def vae_kind(cfg: ml_collections.ConfigDict) -> str:
+    """``cfg.vae.kind``: "causal" (``CausalVAE``, the default, also for configs written before
+    the key existed) or "identity" (``IdentityAutoencoder``: pixel-space mode)."""
+    return str(cfg.vae.get("kind", "causal"))
+
+
+def build_vae(cfg: ml_collections.ConfigDict) -> nnx.Module:
+    """The autoencoder of ``cfg.vae``, untrained: ``CausalVAE`` or, for ``vae.kind = "identity"``,
+    ``IdentityAutoencoder`` (every other key of the section is passed to the constructor).
+
+    Raises:
+      ConfigError: unknown ``vae.kind``. ValueError: the constructor rejects the section.
+    """
+    kwargs = {k: v for k, v in cfg.vae.to_dict().items() if k != "kind"}
+    kind = vae_kind(cfg)
+    if kind == "causal":
+        from sora_jax.models.vae import CausalVAE
+
+        return CausalVAE(**kwargs, rngs=nnx.Rngs(cfg.seed))
+    if kind == "identity":
+        from sora_jax.models.pixel import IdentityAutoencoder
+
+        return IdentityAutoencoder(**kwargs)
+    raise ConfigError(f"config key 'vae.kind': {kind!r} is not one of {VAE_KINDS}")
 
 
 def dit_in_dim(cfg: ml_collections.ConfigDict) -> int:
@@ -105,6 +129,7 @@ def validate_config(cfg: ml_collections.ConfigDict):
         except StageError as e:
             raise ConfigError(f"config key '{key}': {e}") from None
 
+    _validate_vae(cfg)
     d, s = cfg.data, cfg.sample
     check("sample", s.frames, s.height, s.width)
     t, h, w = cfg.vae_train.crop
@@ -149,14 +174,55 @@ def validate_config(cfg: ml_collections.ConfigDict):
                           f"caption of text.max_length={cfg.text.max_length} tokens")
 
 
-def _restore(model: nnx.Module, run_dir: str, what: str) -> int:
+def _validate_vae(cfg: ml_collections.ConfigDict):
+    """The ``vae.kind`` and ``vae_eval`` keys (raises ConfigError naming the key)."""
+    v, kind = cfg.vae, vae_kind(cfg)
+    if kind not in VAE_KINDS:
+        raise ConfigError(f"config key 'vae.kind': {kind!r} is not one of {VAE_KINDS}")
+    if kind == "identity":
+        for key, want in (("latent_channels", v.in_channels), ("spatial_downsample", 1),
+                          ("temporal_downsample", 1), ("patch_size", 1)):
+            if v.get(key, want) != want:
+                raise ConfigError(f"config key 'vae.{key}': the identity autoencoder needs {want}, "
+                                  f"got {v[key]} (pixel patches are set by dit.patch)")
+    if "vae_eval" not in cfg:
+        return  # a run config written before the section existed; evaluate_vae says so
+    from data_pipelines import real_clips, sources
+
+    e = cfg.vae_eval
+    tds, sds = v.temporal_downsample, v.spatial_downsample
+    if e.video_frames < 1 or (e.video_frames - 1) % tds:
+        raise ConfigError(f"config key 'vae_eval.video_frames': {e.video_frames} is not "
+                          f"1 + {tds}k frames")
+    for key in ("video_size", "image_size"):
+        h, w = e[key]
+        if h < 1 or w < 1 or h % sds or w % sds:
+            raise ConfigError(f"config key 'vae_eval.{key}': {h}x{w} is not a multiple of "
+                              f"vae.spatial_downsample={sds}")
+    if e.video_source not in sources.VIDEOS or e.video_source in real_clips.TRAIN_VIDEOS:
+        raise ConfigError(f"config key 'vae_eval.video_source': {e.video_source!r} is not a "
+                          f"held-out bundled video (use {real_clips.HELDOUT_VIDEO!r})")
+    bad = [n for n in e.image_sources if n not in sources.PHOTOS or n in real_clips.TRAIN_PHOTOS]
+    if bad or not e.image_sources:
+        raise ConfigError(f"config key 'vae_eval.image_sources': {bad or 'empty'} are not held-out "
+                          f"bundled photos (use some of {list(real_clips.HELDOUT_PHOTOS)})")
+    for key in ("max_videos", "max_images", "batch"):
+        if e[key] < 1:
+            raise ConfigError(f"config key 'vae_eval.{key}': must be >= 1, got {e[key]}")
+    for key in ("video_scale", "image_scale"):
+        if not e[key] >= 1:
+            raise ConfigError(f"config key 'vae_eval.{key}': a downscale factor must be >= 1, "
+                              f"got {e[key]}")
+
+
+def _restore(model: nnx.Module, run_dir: str, what: str, subtree: str | None = None) -> int:
     from sora_jax.train.checkpoint import CheckpointNotFoundError, Checkpointer
 
     if not os.path.isdir(os.path.join(run_dir, "checkpoints")):  # don't create folders on a typo
         raise StageError(f"no {what} checkpoint in {run_dir}: run `sora-jax train-{what}` first")
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
     try:
-        meta = ckpt.restore(model)
+        meta = ckpt.restore(model, subtree=subtree)
     except CheckpointNotFoundError:
         raise StageError(f"no {what} checkpoint in {run_dir}: run `sora-jax train-{what}` first") from None
     finally:
@@ -165,15 +231,46 @@ def _restore(model: nnx.Module, run_dir: str, what: str) -> int:
 
 
 def load_codec(cfg: ml_collections.ConfigDict, workdir: str):
-    """The trained VAE with its latent statistics, as a ``VAECodec``."""
+    """The trained autoencoder of a run folder as a ``VAECodec``; its latent statistics come
+    back with the checkpoint (the model's ``latent_shift`` / ``latent_scale`` variables).
+
+    Raises:
+      StageError: the run folder has no VAE checkpoint.
+    """
     from sora_jax.latents import VAECodec
 
-    p = paths(workdir)
     vae = build_vae(cfg)
-    _restore(vae, p["vae"], "vae")
-    codec = VAECodec(vae)
-    codec.load_stats(p["latent_stats"])
-    return codec
+    # checkpoints hold a VAETrainModel; inference reads its autoencoder only
+    _restore(vae, paths(workdir)["vae"], "vae", subtree="vae")
+    inference = cfg.get("vae_inference") or {}
+    if vae_kind(cfg) == "identity":  # nothing to chunk or tile
+        inference = {}
+    return VAECodec(vae, chunk=inference.get("chunk"), tile=inference.get("tile"),
+                    overlap=inference.get("overlap"))
+
+
+def checkpoint_fingerprint(run_dir: str) -> dict[str, Any] | None:
+    """What identifies the latest checkpoint of ``run_dir`` (e.g. ``<workdir>/vae``), without
+    loading it: ``{"step": int, "sha1": hex}``, the SHA-1 over the relative paths and bytes of
+    the files of its saved ``model`` item (weights and latent statistics; a copied run folder
+    keeps it, a retrained one changes it). None when there is no checkpoint.
+    """
+    import hashlib
+
+    step = _latest_step(run_dir)
+    if step is None:
+        return None
+    root = os.path.join(run_dir, "checkpoints", str(step), "model")
+    h = hashlib.sha1()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return {"step": int(step), "sha1": h.hexdigest()}
 
 
 def _datasets(workdir: str) -> dict[str, str]:
@@ -193,13 +290,16 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = 
     from data_pipelines.build import build_datasets
 
     d = cfg.data
+    extra = {}  # optional keys: older run configs lack them and keep the build defaults
+    if "clip_scale_range" in d:
+        extra["clip_scale_range"] = tuple(float(v) for v in d.clip_scale_range)
     return build_datasets(
         paths(workdir)["data"], mnist_train=d.mnist_train, mnist_eval=d.mnist_eval,
         heldout_prompts=d.heldout_prompts, clips_train=d.clips_train, clips_eval=d.clips_eval,
         sizes=[tuple(s) for s in d.sizes], durations=list(d.durations), digit_size=d.digit_size,
         two_digit_prob=d.two_digit_prob, clip_sizes=[tuple(s) for s in d.clip_sizes],
         clip_durations=list(d.clip_durations), num_shards=d.num_shards, seed=cfg.seed,
-        progress=progress,
+        progress=progress, **extra,
     )
 
 
@@ -209,49 +309,97 @@ def _center_crop(video: np.ndarray, frames: int, height: int, width: int) -> np.
     return video[:frames, y : y + height, x : x + width]
 
 
-def evaluate_vae(cfg: ml_collections.ConfigDict, workdir: str, codec=None, max_videos: int = 64) -> dict[str, float]:
-    """PSNR / SSIM of VAE round trips on the held-out sets (never seen in VAE training).
+def evaluate_vae(cfg: ml_collections.ConfigDict, workdir: str, codec=None,
+                 out: str | None = None) -> dict[str, Any]:
+    """Reconstruction PSNR / SSIM of the run's autoencoder on named held-out sets.
 
-    ``video``: crops of the held-out real clip ``carphone_pristine`` (the multi-frame records of
-    ``real_clips_eval``); ``digits``: Moving MNIST clips of held-out digit instances
-    (``moving_mnist_eval``). Each clip is centre-cropped to the generation size (``sample.frames``,
-    ``sample.height``, ``sample.width``), so one compiled encode/decode serves all of them.
+    The sets (``sora_jax.evaluation.vae_eval``, sizes and counts from ``cfg.vae_eval``) are
+    built from the bundled sources that no training set uses: fixed non-overlapping spacetime
+    tiles of the clip ``vae_eval.video_source`` (default ``carphone_pristine``) and fixed tiles
+    of the downscaled photos ``vae_eval.image_sources`` (default coffee and flower, as 1-frame
+    videos). When the run folder holds prepared data, Moving MNIST clips of held-out digit
+    instances (``moving_mnist_eval``, centre-cropped to the ``sample`` size, at most
+    ``vae_eval.max_digits``) are scored too. No rFVD: it needs pretrained I3D weights, which
+    cannot be downloaded here (see the ``vae_eval`` module docstring).
+
+    Args:
+      cfg: the run's config.
+      workdir: the run folder (its ``vae/`` checkpoint is loaded unless ``codec`` is given).
+      codec: a ``VAECodec`` to score instead of the run's checkpoint.
+      out: JSON output path (default ``<workdir>/vae/evaluate_vae.json``).
+
+    Returns:
+      The dict written to ``out``: ``video_psnr``, ``video_ssim``, ``image_psnr``,
+      ``image_ssim`` (means over clips; dB and SSIM in [-1, 1]), ``video_set``, ``image_set``
+      (set names), ``video_sources``, ``image_sources``, ``num_videos``, ``num_images``,
+      ``video_frames``, ``video_height``, ``video_width``, ``video_scale``, ``image_height``,
+      ``image_width``, ``image_scale``, ``vae_kind``, ``checkpoint_step`` (None for a given
+      codec); with prepared data also ``digits_psnr``, ``digits_ssim``, ``num_digits``,
+      ``digits_set``.
+
+    Raises:
+      StageError: no VAE checkpoint, or the config has no ``vae_eval`` section.
+      ValueError: a set does not fit the sources or the autoencoder.
     """
-    from data_pipelines.records import read_dataset
-    from sora_jax.evaluation.metrics import psnr, ssim
+    from sora_jax.evaluation.vae_eval import evaluate_codec, reconstruction_scores
+    from sora_jax.io import write_json
 
-    codec = codec or load_codec(cfg, workdir)
-    ds = _datasets(workdir)
-    frames, height, width = cfg.sample.frames, cfg.sample.height, cfg.sample.width
-    results: dict[str, Any] = {}
-    for key, name in (("video", "real_clips_eval"), ("digits", "moving_mnist_eval")):
-        data = read_dataset(ds[name])
+    if "vae_eval" not in cfg:
+        raise StageError("the config has no 'vae_eval' section (a run config written before "
+                         "evaluate-vae existed): pass --config configs/<name>.py")
+    step = None
+    if codec is None:  # a given codec may be any model: no step to report
+        codec = load_codec(cfg, workdir)
+        step = _latest_step(paths(workdir)["vae"])
+    e = cfg.vae_eval
+    result: dict[str, Any] = evaluate_codec(codec, e)
+    result.update(vae_kind=vae_kind(cfg), checkpoint_step=step)
+    if os.path.isfile(os.path.join(paths(workdir)["data"], "manifest.json")):
+        from data_pipelines.records import read_dataset
+
+        data = read_dataset(_datasets(workdir)["moving_mnist_eval"])
+        frames, height, width = cfg.sample.frames, cfg.sample.height, cfg.sample.width
         clips = []
         for i in range(len(data)):
+            if len(clips) >= e.max_digits:
+                break
             video = data[i]["video"]
             if video.shape[0] >= frames and video.shape[1] >= height and video.shape[2] >= width:
                 clips.append(_center_crop(video, frames, height, width))
-            if len(clips) >= max_videos:
-                break
-        psnrs, ssims = [], []
-        for s in range(0, len(clips), 8):
-            x = to_float(np.stack(clips[s : s + 8]))
-            for a, b in zip(codec.reconstruct(x), x):
-                psnrs.append(psnr(a, b))
-                ssims.append(ssim(a, b))
-        results[f"vae_psnr_heldout_{key}"] = float(np.mean(psnrs)) if psnrs else float("nan")
-        results[f"vae_ssim_heldout_{key}"] = float(np.mean(ssims)) if ssims else float("nan")
-        results[f"num_heldout_{key}"] = len(psnrs)
-    results["heldout_video_source"] = "carphone_pristine (never in VAE training)"
-    return results
+        if clips:
+            dp, ds = reconstruction_scores(codec, np.stack(clips), int(e.batch))
+            result.update(digits_psnr=float(np.mean(dp)), digits_ssim=float(np.mean(ds)),
+                          num_digits=len(clips), digits_set="moving_mnist_eval")
+    write_json(out or paths(workdir)["vae_eval"], result)
+    return result
+
+
+def _stats_batches(batch_fn, n: int = 16):
+    # steps far beyond any run's length: draws of the training distribution that the
+    # training loop itself never fetched
+    return (batch_fn(10_000_000 + i)["video"] for i in range(n))
 
 
 def train_vae(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
-    """Trains the causal VAE, then computes latent statistics and the held-out evaluation."""
+    """Trains the autoencoder, stores its latent statistics in the final checkpoint, and runs
+    ``evaluate_vae``.
+
+    The statistics (per-channel mean and standard deviation of posterior means over 16 batches
+    of training crops, ``sora_jax.latents.set_latent_statistics``) are written into the model
+    after the last step and before the final checkpoint is saved, so every checkpoint restore
+    brings them back. With ``vae.kind = "identity"`` nothing is trained: the statistics of the
+    training pixels are measured and saved as checkpoint step 0 (kept if one exists already).
+
+    Returns:
+      The training summary (``sora_jax.train.trainer.train``; for identity ``steps`` 0) with
+      ``vae_kind``, ``latent_shift``, ``latent_scale`` (lists of c floats) and ``eval`` (the
+      ``evaluate_vae`` result).
+
+    Raises:
+      StageError: no prepared data. FloatingPointError: non-finite training loss.
+    """
     from sora_jax.data.pipeline import vae_batch_fn
-    from sora_jax.latents import VAECodec, latent_statistics
-    from sora_jax.train.steps import vae_loss_fn
-    from sora_jax.train.trainer import TrainTask, train
+    from sora_jax.latents import VAECodec, set_latent_statistics
 
     save_config(cfg, workdir)
     ds = _datasets(workdir)
@@ -259,18 +407,55 @@ def train_vae(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     vae = build_vae(cfg)
     batch_fn = vae_batch_fn({"mnist": ds["moving_mnist_train"], "clips": ds["real_clips_train"]},
                             cfg.vae_train, cfg.vae_train.seed)
-    task = TrainTask("vae", vae, vae_loss_fn(cfg.vae_loss), batch_fn,
-                     meta={"config": config_lib.to_json(cfg)})
-    summary = train(task, cfg.vae_train, p["vae"], progress=progress)
+    meta = {"config": config_lib.to_json(cfg)}
+    if vae_kind(cfg) == "identity":
+        summary = _identity_vae(vae, batch_fn, p["vae"], meta)
+    else:
+        from sora_jax.models.vae_gan import build_vae_train_model
+        from sora_jax.train.steps import vae_loss_fn, vae_optimizer_fn
+        from sora_jax.train.trainer import TrainTask, train
+
+        if getattr(vae, "shortcut", None) is not None and _latest_step(p["vae"]) is None:
+            # a fresh run starts from the PCA code of training clips (a resumed one restores)
+            clips = [b for b in (batch_fn(30_000_000 + i)["video"] for i in range(64))
+                     if b.shape[1] > 1][:32]
+            kept = vae.shortcut.init_from_data(np.concatenate(clips))
+            log.info("vae: linear patch shortcut initialised by PCA (%.1f%% of block variance)",
+                     100 * kept)
+        model = build_vae_train_model(vae, cfg.vae_loss, nnx.Rngs(cfg.seed + 2))
+        # the trainer calls on_finish after the last step, before the final checkpoint is saved
+        task = TrainTask("vae", model, vae_loss_fn(cfg.vae_loss), batch_fn, meta=meta,
+                         optimizer_fn=vae_optimizer_fn(cfg.vae_loss),
+                         on_finish=lambda m: set_latent_statistics(m.vae, _stats_batches(batch_fn)))
+        summary = train(task, cfg.vae_train, p["vae"], progress=progress)
     codec = VAECodec(vae)
-    stats_batches = (batch_fn(10_000_000 + i)["video"] for i in range(16))
-    codec.shift, codec.scale = latent_statistics(codec, stats_batches)
-    codec.save_stats(p["latent_stats"])
-    summary["eval"] = evaluate_vae(cfg, workdir, codec)
-    with open(os.path.join(p["vae"], "eval.json"), "w") as f:
-        json.dump(summary["eval"], f, indent=2)
+    summary.update(vae_kind=vae_kind(cfg), latent_shift=codec.shift.tolist(),
+                   latent_scale=codec.scale.tolist())
+    # scored as restored from disk: what later stages load, statistics included
+    summary["eval"] = evaluate_vae(cfg, workdir)
     log.info("vae held-out: %s", summary["eval"])
     return summary
+
+
+def _identity_vae(vae: nnx.Module, batch_fn, run_dir: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """Pixel mode's train-vae: the statistics of the training pixels, saved as step 0."""
+    from sora_jax.latents import set_latent_statistics
+    from sora_jax.train.checkpoint import Checkpointer
+
+    from sora_jax.models.vae_gan import VAETrainModel
+
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), async_save=False)
+    try:
+        reused = ckpt.latest_step() is not None
+        if reused:  # a rerun keeps the statistics that later stages were built on
+            ckpt.restore(vae, subtree="vae")
+        else:
+            set_latent_statistics(vae, _stats_batches(batch_fn))
+            # the same layout as a trained VAE's checkpoint, so one restore path serves both
+            ckpt.save(0, VAETrainModel(vae), None, meta)
+    finally:
+        ckpt.close()
+    return {"steps": 0, "resumed_from": 0, "reused_checkpoint": reused}
 
 
 @functools.lru_cache(maxsize=2)
@@ -287,8 +472,8 @@ def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool 
 
     Writes ``latents/latents_train-*.array_record`` (``latent``, ``caption_id``, ``caption``) and
     ``latents/text_states.npz`` (``captions``, ``states`` (N, Lt, 384), ``masks`` (N, Lt)).
-    Idempotent: skipped when both exist and were made from the current VAE checkpoint, text
-    length and dataset size.
+    Idempotent: skipped when both exist and were made from the current VAE checkpoint (step and
+    contents, ``checkpoint_fingerprint``), text length and dataset size.
     """
     from data_pipelines.records import read_dataset, write_array_record
 
@@ -298,7 +483,7 @@ def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool 
     stamp = os.path.join(p["latents"], "done.json")
     src = read_dataset(datasets["moving_mnist_train"])
     # what the encoded files depend on: a change in any of these re-encodes
-    key = {"vae_step": _latest_step(p["vae"]), "text_max_length": cfg.text.max_length,
+    key = {"vae_checkpoint": checkpoint_fingerprint(p["vae"]), "text_max_length": cfg.text.max_length,
            "num_examples": len(src)}
     if os.path.isfile(stamp):
         with open(stamp) as f:
@@ -618,11 +803,16 @@ def quickstart(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
     dit = timed("train_dit", train_dit, cfg, workdir, progress)
     gen = Generator(cfg, workdir)
     ev = timed("evaluate", evaluate, cfg, workdir, gen, progress)
+    ve = vae["eval"]
     metrics = {
-        "vae_psnr_heldout_video": vae["eval"]["vae_psnr_heldout_video"],
-        "vae_ssim_heldout_video": vae["eval"]["vae_ssim_heldout_video"],
-        "vae_psnr_heldout_digits": vae["eval"]["vae_psnr_heldout_digits"],
-        "vae_ssim_heldout_digits": vae["eval"]["vae_ssim_heldout_digits"],
+        "vae_psnr_heldout_video": ve["video_psnr"],
+        "vae_ssim_heldout_video": ve["video_ssim"],
+        "vae_psnr_heldout_image": ve["image_psnr"],
+        "vae_ssim_heldout_image": ve["image_ssim"],
+        "vae_psnr_heldout_digits": ve.get("digits_psnr"),
+        "vae_ssim_heldout_digits": ve.get("digits_ssim"),
+        "vae_eval_sets": {"video": ve["video_set"], "image": ve["image_set"],
+                          "digits": ve.get("digits_set")},
         "dit_heldout_loss": dit["heldout_loss"],
         "dit_final_train_loss": dit.get("final_loss"),
         "digit_accuracy": ev["digit_accuracy"],

@@ -125,9 +125,12 @@ def test_quickstart_writes_every_metric(trained_run, tmp_path, capsys):
     shutil.copytree(trained_run, wd)  # stages resume: data, VAE and DiT are already there
     assert run(["quickstart", "--workdir", wd, "--no-progress"]) == 0
     metrics = json.load(open(os.path.join(wd, "quickstart_metrics.json")))
-    for key in ("vae_psnr_heldout_video", "vae_ssim_heldout_video", "vae_psnr_heldout_digits",
+    for key in ("vae_psnr_heldout_video", "vae_ssim_heldout_video", "vae_psnr_heldout_image",
+                "vae_ssim_heldout_image", "vae_psnr_heldout_digits", "vae_eval_sets",
                 "dit_heldout_loss", "digit_accuracy", "direction_accuracy", "samples", "stage_seconds"):
         assert key in metrics, key
+    assert metrics["vae_eval_sets"] == {"video": "carphone_pristine", "image": "coffee+flower",
+                                        "digits": "moving_mnist_eval"}
     assert 0.0 <= metrics["digit_accuracy"] <= 1.0 and 0.0 <= metrics["direction_accuracy"] <= 1.0
     assert np.isfinite(metrics["vae_psnr_heldout_video"]) and np.isfinite(metrics["dit_heldout_loss"])
     assert all(os.path.isfile(s["path"]) for s in metrics["samples"])
@@ -176,3 +179,32 @@ def test_a_moved_run_folder_still_works(trained_run, tmp_path, capsys):
     assert run(["generate", "--workdir", moved, "--prompt", "the digit 7 moves up", "--frames", "1",
                 "--steps", "1", "--no-progress"]) == 0
     assert os.path.isfile(os.path.join(moved, "samples", "sample_00.mp4"))
+
+
+def test_train_vae_saves_statistics_in_its_checkpoint_and_evaluates(trained_run):
+    """The final checkpoint carries the latent statistics of the training crops, and
+    evaluate_vae.json scores held-out sets whose sources no training record comes from."""
+    from data_pipelines.records import read_dataset
+    from sora_jax import config as config_lib
+    from sora_jax.data.pipeline import vae_batch_fn
+    from sora_jax.stages import _datasets, load_codec, paths
+
+    cfg = config_lib.from_json(open(paths(trained_run)["config"]).read())
+    codec = load_codec(cfg, trained_run)
+    assert not np.allclose(codec.shift, 0) and not np.allclose(codec.scale, 1)
+    ds = _datasets(trained_run)
+    batch_fn = vae_batch_fn({"mnist": ds["moving_mnist_train"], "clips": ds["real_clips_train"]},
+                            cfg.vae_train, cfg.vae_train.seed)
+    z = np.concatenate([codec.encode(batch_fn(10_000_000 + i)["video"]).reshape(-1, codec.shift.size)
+                        for i in range(16)])
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-3)  # standardised on the training crops
+    np.testing.assert_allclose(z.std(0), 1.0, atol=1e-3)
+    assert not os.path.exists(os.path.join(paths(trained_run)["vae"], "latent_stats.json"))
+
+    ev = json.load(open(paths(trained_run)["vae_eval"]))
+    for key in ("video_psnr", "video_ssim", "image_psnr", "image_ssim", "digits_psnr"):
+        assert np.isfinite(ev[key]), key
+    assert ev["num_videos"] > 0 and ev["num_images"] > 0 and ev["num_digits"] > 0
+    assert ev["checkpoint_step"] == cfg.vae_train.steps
+    train_sources = {str(r["source"]) for r in read_dataset(ds["real_clips_train"])}
+    assert train_sources and not train_sources & set(ev["video_sources"] + ev["image_sources"])

@@ -12,6 +12,7 @@ from data_pipelines import encode as encode_lib
 from data_pipelines.encode import encode, list_encoded, main, process_prefix, read_encoded
 from data_pipelines.ingest import ingest
 from data_pipelines.records import write_array_record
+from sora_jax.models.vae_gan import VAETrainModel
 from sora_jax.io import to_float, write_mp4
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
@@ -20,7 +21,7 @@ CAPTIONS = ["a white square slides to the right", "a bar", "noise, seen once"]
 
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
-    """A tiny run folder: config.json, an (untrained) VAE checkpoint and latent statistics.
+    """A tiny run folder: config.json and an (untrained) VAE checkpoint holding latent statistics.
 
     Encoding does not care whether the weights were trained; non-trivial statistics make the
     normalisation visible.
@@ -32,12 +33,13 @@ def vae_run(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("run"))
     cfg = config_lib.load_config(str(CONFIG))
     save_config(cfg, wd)
-    ck = Checkpointer(os.path.join(paths(wd)["vae"], "checkpoints"), async_save=False)
-    ck.save(2, build_vae(cfg), None, {"note": "untrained"})
-    ck.close()
+    vae = build_vae(cfg)
     c = cfg.vae.latent_channels
-    with open(paths(wd)["latent_stats"], "w") as f:
-        json.dump({"shift": np.linspace(-0.2, 0.2, c).tolist(), "scale": [1.5] * c}, f)
+    vae.latent_shift[...] = np.linspace(-0.2, 0.2, c).astype(np.float32)
+    vae.latent_scale[...] = np.full((c,), 1.5, np.float32)
+    ck = Checkpointer(os.path.join(paths(wd)["vae"], "checkpoints"), async_save=False)
+    ck.save(2, VAETrainModel(vae), None, {"note": "untrained"})
+    ck.close()
     return wd, cfg
 
 
@@ -97,6 +99,8 @@ def test_latents_match_the_vae_and_latent_shape(vae_run, clips, single):
     codec = load_codec(cfg, wd)
     expected = codec.encode(to_float(image[None]))[0]
     np.testing.assert_allclose(enc[("c.png", 0.0)]["latent"], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(codec.shift, np.linspace(-0.2, 0.2, cfg.vae.latent_channels),
+                               atol=1e-7)  # the checkpoint's statistics came back
     raw = expected * codec.scale + codec.shift
     assert not np.allclose(expected, raw, atol=1e-3)  # statistics were applied
 
@@ -209,3 +213,41 @@ def test_train_dit_on_ingested_data_compiles_its_step_once(single, tmp_path, cap
     assert run(bad) == 2 and "dit_train.data" in capsys.readouterr().err
     other_vae = argv[:7] + ["--config.vae.latent_channels=3"]
     assert run(other_vae) == 2 and "4-channel latents" in capsys.readouterr().err
+
+
+def test_a_copied_run_reuses_and_a_new_checkpoint_re_encodes(vae_run, clips, single, tmp_path):
+    """The stamp keys on the checkpoint's contents (weights and latent statistics), not on its
+    path or step alone: a copied run folder is up to date, new statistics at the same step are not."""
+    import shutil
+
+    from sora_jax.stages import build_vae, paths
+    from sora_jax.train.checkpoint import Checkpointer
+
+    wd, cfg = vae_run
+    out, first = single
+    copy = str(tmp_path / "copied_run")
+    shutil.copytree(wd, copy)
+    enc_dir = tmp_path / "enc"
+    enc_dir.mkdir()
+    for name in os.listdir(os.path.dirname(first["output"])):
+        if name.startswith("latents"):
+            shutil.copy2(os.path.join(os.path.dirname(first["output"]), name), enc_dir / name)
+    out2 = str(enc_dir / "latents")
+    again = encode(clips, copy, out2, batch_size=2, process_index=0, process_count=1, progress=False)
+    assert again["reused"] and again["key"]["vae_checkpoint_sha1"] == first["key"]["vae_checkpoint_sha1"]
+
+    ckpt_dir = os.path.join(paths(copy)["vae"], "checkpoints")
+    shutil.rmtree(os.path.join(ckpt_dir, "2"))
+    vae = build_vae(cfg)
+    vae.latent_shift[...] = np.full((cfg.vae.latent_channels,), 0.5, np.float32)  # new statistics
+    ck = Checkpointer(ckpt_dir, async_save=False)
+    ck.save(2, VAETrainModel(vae), None, {})
+    ck.close()
+    redone = encode(clips, copy, out2, batch_size=2, process_index=0, process_count=1, progress=False)
+    assert not redone["reused"] and redone["key"]["vae_step"] == first["key"]["vae_step"] == 2
+    assert redone["key"]["vae_checkpoint_sha1"] != first["key"]["vae_checkpoint_sha1"]
+    old, new = _by_key(read_encoded(out)), _by_key(read_encoded(out2))
+    k = ("c.png", 0.0)  # same weights (same seed), so the raw latents agree
+    np.testing.assert_allclose(new[k]["latent"] * 1.0 + 0.5,
+                               old[k]["latent"] * 1.5 + np.linspace(-0.2, 0.2, cfg.vae.latent_channels),
+                               rtol=1e-4, atol=1e-4)

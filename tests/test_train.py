@@ -34,7 +34,7 @@ def batch_fn(step):
     return {"x": x, "y": x @ W_TRUE}
 
 
-def loss_fn(model, batch, key):
+def loss_fn(model, batch, key, step):
     noise = 0.01 * jax.random.normal(key, batch["y"].shape)  # uses the per-step key
     loss = jnp.mean((model(batch["x"]) - batch["y"] - noise) ** 2)
     return loss, {"mse": loss}

@@ -241,8 +241,8 @@ def test_bad_input_shapes(model):
     "cfg, msg",
     [
         (dict(spatial_downsample=6), "power of 2"),
-        (dict(temporal_downsample=3), "1, 2 or 4"),
-        (dict(temporal_downsample=8), "1, 2 or 4"),
+        (dict(temporal_downsample=3), "1, 2, 4 or 8"),
+        (dict(temporal_downsample=16), "1, 2, 4 or 8"),
         (dict(channel_mults=(1, 2), spatial_downsample=8), r"2 levels .* need 3 down stages"),
         (dict(channel_mults=(1, 2, 2, 2), spatial_downsample=32), "need 5 down stages"),
         (dict(channel_mults=()), "non-empty"),

@@ -27,6 +27,13 @@ decoder mirrors this, so its temporal upsamples are in its last stages.
 Normalisation is GroupNorm computed per frame (statistics over H, W and the channels of a
 group, never over time): normalising over time would leak future frames into past ones and
 break causality.
+
+Chunked inference. Every module that convolves over time takes an optional ``FeatureCache``
+(the feature cache of the Wan 2.1 VAE): fed a video a few frames at a time, the encoder and
+decoder then give the same output as one whole-video pass, with memory that does not grow with
+the video's length. Without a cache (training) the computation is exactly the whole-video pass.
+Drivers (time chunks, spatial tiles with overlap blending) are in
+``sora_jax.models.vae_streaming``.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 __all__ = [
+    "FeatureCache",
     "CausalConv3d",
     "CausalGroupNorm",
     "ResBlock3d",
@@ -106,6 +114,69 @@ def _lecun_normal_flat(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return (flat * std).reshape(shape)
 
 
+class FeatureCache:
+    """Per-conv temporal context carried from one time chunk of a video to the next.
+
+    The feature cache of the Wan 2.1 VAE (Wan Team 2025, "Wan: Open and Advanced Large-Scale
+    Video Generative Models", ``feat_cache`` / ``feat_idx``), made exact for the strided causal
+    convolutions of MAGVIT-v2 (Yu et al. 2024). It is threaded through ``CausalEncoder`` /
+    ``CausalDecoder`` calls; every ``CausalConv3d`` with a temporal kernel kt > 1 owns one slot,
+    visited in call order (the order is fixed by the module tree, so slot i always belongs to
+    the same conv). A slot holds the tail of that conv's causally padded input that outputs of
+    later chunks still need: with P the padded input seen so far (first chunk: kt - 1 copies of
+    frame 0 and the chunk; later chunks: the stored tail and the chunk) and
+    n = (len(P) - kt) // st + 1 outputs produced, the new tail is P[st * n:]. Hence the
+    concatenated outputs of the chunks equal the output of one whole-video pass, for any chunk
+    lengths as long as every conv produces at least one output per chunk (what
+    ``sora_jax.models.vae_streaming`` guarantees: encoder chunks of 1 + td*k frames first, then
+    td*k frames; decoder chunks of any number of latent frames).
+
+    A cache is a plain Python object, not a pytree: under ``jax.jit`` pass ``feats`` (a list of
+    arrays, each (B, n_tail, H_l, W_l, C_l) in the conv's computation dtype) in and out of the
+    jitted function and wrap it in a new ``FeatureCache`` inside. Memory: about kt - 1 frames
+    per conv, independent of the video's length.
+
+    Args:
+      feats: the slots returned by the previous chunk's pass (``cache.feats``), or None for the
+        first chunk of a video.
+
+    Attributes:
+      first: True on the first chunk (no slots given). ``Upsample3d`` needs it: the temporal
+        upsample keeps latent frame 0 alone, so only the first chunk treats its first frame
+        specially.
+      feats: the slots, updated in place during a pass.
+    """
+
+    def __init__(self, feats: Sequence[jax.Array] | None = None):
+        self.first = feats is None
+        self.feats: list[jax.Array] = [] if feats is None else list(feats)
+        self.index = 0
+
+    def take(self) -> jax.Array | None:
+        """The current slot's stored tail (None on the first chunk).
+
+        Raises:
+          ValueError: if a later chunk visits more slots than the first chunk created (the
+            cache was made by a different model).
+        """
+        if self.first:
+            return None
+        if self.index >= len(self.feats):
+            raise ValueError(
+                f"FeatureCache has {len(self.feats)} slots but the model asks for slot "
+                f"{self.index}: the cache comes from a different model"
+            )
+        return self.feats[self.index]
+
+    def put(self, tail: jax.Array) -> None:
+        """Stores the current slot's new tail and moves to the next slot."""
+        if self.first:
+            self.feats.append(tail)
+        else:
+            self.feats[self.index] = tail
+        self.index += 1
+
+
 class CausalConv3d(nnx.Module):
     """3D convolution that is causal in time and 'SAME'-padded in space.
 
@@ -128,11 +199,14 @@ class CausalConv3d(nnx.Module):
       rngs: ``nnx.Rngs`` for initialisation (kernel: LeCun normal over kt*kh*kw*C_in fan-in,
         like ``nnx.Conv``; bias: zeros).
 
-    Call: x (B, T, H, W, C_in) -> (B, T', H', W', C_out) with T' = (T - 1) // st + 1 and
-    H' = H / sh, W' = W / sw (H, W even when strided).
+    Call: ``conv(x, cache=None)``: x (B, T, H, W, C_in) -> (B, T', H', W', C_out) with
+    T' = (T - 1) // st + 1 and H' = H / sh, W' = W / sw (H, W even when strided). With a
+    ``FeatureCache`` the left padding of a later chunk is the previous chunk's stored tail
+    instead of copies of its first frame, and T' = (len(tail) + T - kt) // st + 1.
 
     Raises:
-      ValueError: if kt < st or impl is unknown.
+      ValueError: if kt < st or impl is unknown; at call time, if a cached chunk is too short to
+        produce one output frame.
     """
 
     def __init__(
@@ -166,16 +240,28 @@ class CausalConv3d(nnx.Module):
         )
         self.bias = nnx.Param(jnp.zeros((out_channels,), jnp.float32))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cache: FeatureCache | None = None) -> jax.Array:
         kernel = self.kernel[...]
         bias = self.bias[...]
         dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
         x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
-        if self.time_pad > 0:
-            first = jnp.repeat(x[:, :1], self.time_pad, axis=1)
-            x = jnp.concatenate([first, x], axis=1)
         kt = self.kernel_size[0]
         st, sh, sw = self.strides
+        if self.time_pad > 0:
+            prev = None if cache is None else cache.take()
+            if prev is None:
+                first = jnp.repeat(x[:, :1], self.time_pad, axis=1)
+                x = jnp.concatenate([first, x], axis=1)
+            else:
+                x = jnp.concatenate([prev.astype(dtype), x], axis=1)
+            if cache is not None:
+                n_out = (x.shape[1] - kt) // st + 1
+                if n_out < 1:
+                    raise ValueError(
+                        f"CausalConv3d: a cached chunk of {x.shape[1]} padded frames is too "
+                        f"short for temporal kernel {kt} and stride {st}"
+                    )
+                cache.put(x[:, st * n_out:])
         b, tp = x.shape[:2]
         t_out = (tp - kt) // st + 1
         impl = self.impl
@@ -231,7 +317,8 @@ class ResBlock3d(nnx.Module):
     The skip is a 1x1x1 conv when the channel count changes. Causal: output frame f depends on
     input frames <= f only.
 
-    Call: x (B, T, H, W, C_in) -> (B, T, H, W, C_out).
+    Call: ``block(x, cache=None)``: x (B, T, H, W, C_in) -> (B, T, H, W, C_out); ``cache``: a
+    ``FeatureCache`` for chunked inference.
     """
 
     def __init__(
@@ -256,10 +343,10 @@ class ResBlock3d(nnx.Module):
         else:
             self.skip = None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.conv1(nnx.silu(self.norm1(x)))
-        h = self.conv2(nnx.silu(self.norm2(h)))
-        s = x if self.skip is None else self.skip(x)
+    def __call__(self, x: jax.Array, cache: FeatureCache | None = None) -> jax.Array:
+        h = self.conv1(nnx.silu(self.norm1(x)), cache)
+        h = self.conv2(nnx.silu(self.norm2(h)), cache)
+        s = x if self.skip is None else self.skip(x, cache)
         return s + h
 
 
@@ -269,7 +356,8 @@ class Downsample3d(nnx.Module):
     Temporal stride keeps frame 0 alone: T = 1 + 2m frames -> 1 + m frames; output 0 depends only
     on input 0, output j >= 1 on inputs <= 2j (see ``CausalConv3d``).
 
-    Call: x (B, T, H, W, C_in) -> (B, T', H / 2 or H, W / 2 or W, C_out).
+    Call: ``down(x, cache=None)``: x (B, T, H, W, C_in) -> (B, T', H / 2 or H, W / 2 or W, C_out).
+    With a ``FeatureCache``, a later chunk of 2m frames gives m frames.
     """
 
     def __init__(
@@ -287,8 +375,8 @@ class Downsample3d(nnx.Module):
         strides = (2 if temporal else 1, 2 if spatial else 1, 2 if spatial else 1)
         self.conv = CausalConv3d(in_channels, out_channels, 3, strides, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(x)
+    def __call__(self, x: jax.Array, cache: FeatureCache | None = None) -> jax.Array:
+        return self.conv(x, cache)
 
 
 class Upsample3d(nnx.Module):
@@ -297,7 +385,8 @@ class Upsample3d(nnx.Module):
     Temporal x2 keeps frame 0 alone: latent frame 0 -> 1 frame, every later frame -> 2 frames, so
     t = 1 + m frames -> 1 + 2m. Output frame f depends only on input frames <= ceil(f / 2).
 
-    Call: x (B, t, h, w, C_in) -> (B, t', 2h or h, 2w or w, C_out).
+    Call: ``up(x, cache=None)``: x (B, t, h, w, C_in) -> (B, t', 2h or h, 2w or w, C_out).
+    With a ``FeatureCache`` past its first chunk, t frames give 2t (nothing is frame 0).
     """
 
     def __init__(
@@ -314,12 +403,16 @@ class Upsample3d(nnx.Module):
         self.temporal = temporal
         self.conv = CausalConv3d(in_channels, out_channels, 3, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cache: FeatureCache | None = None) -> jax.Array:
         if self.temporal:
-            x = jnp.concatenate([x[:, :1], jnp.repeat(x[:, 1:], 2, axis=1)], axis=1)
+            if cache is None or cache.first:
+                x = jnp.concatenate([x[:, :1], jnp.repeat(x[:, 1:], 2, axis=1)], axis=1)
+            else:
+                # Frame 0 of the video is in the first chunk only; here every frame doubles.
+                x = jnp.repeat(x, 2, axis=1)
         if self.spatial:
             x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-        return self.conv(x)
+        return self.conv(x, cache)
 
 
 class FrameAttention(nnx.Module):
@@ -387,6 +480,7 @@ class CausalEncoder(nnx.Module):
     optional FrameAttention, ResBlock) -> GroupNorm, SiLU -> conv_out to 2 * latent_channels.
     logvar is clipped to [-30, 20] so exp(logvar) stays finite in float32.
 
+    Call: ``encoder(x, cache=None)``; ``cache``: a ``FeatureCache`` for chunked inference.
     No input validation here; use ``CausalVAE.encode``.
     """
 
@@ -441,18 +535,20 @@ class CausalEncoder(nnx.Module):
         # shrink, and reconstructions stay blurred that long.
         self.conv_out.bias[...] = self.conv_out.bias[...].at[latent_channels:].set(logvar_init)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        h = self.conv_in(x)
+    def __call__(
+        self, x: jax.Array, cache: FeatureCache | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        h = self.conv_in(x, cache)
         for i, level in enumerate(self.blocks):
             for block in level:
-                h = _run_block(block, h, self.remat)
+                h = _run_block(block, h, self.remat, cache)
             if i < len(self.downs):
-                h = self.downs[i](h)
-        h = _run_block(self.mid1, h, self.remat)
+                h = self.downs[i](h, cache)
+        h = _run_block(self.mid1, h, self.remat, cache)
         if self.mid_attn is not None:
             h = self.mid_attn(h)
-        h = _run_block(self.mid2, h, self.remat)
-        h = self.conv_out(nnx.silu(self.norm_out(h)))
+        h = _run_block(self.mid2, h, self.remat, cache)
+        h = self.conv_out(nnx.silu(self.norm_out(h)), cache)
         mean, logvar = jnp.split(h, 2, axis=-1)
         return mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
 
@@ -464,6 +560,7 @@ class CausalDecoder(nnx.Module):
     (if that level had a down stage in the encoder; it maps to the level's width) and ResBlocks
     -> GroupNorm, SiLU -> conv_out.
     The output is a linear conv (no tanh): callers clip to [-1, 1] for display.
+    Call: ``decoder(z, cache=None)``; ``cache``: a ``FeatureCache`` for chunked inference.
     """
 
     def __init__(
@@ -518,18 +615,18 @@ class CausalDecoder(nnx.Module):
         )
         self.conv_out = CausalConv3d(prev, out_channels, 3, dtype=dtype, rngs=rngs)
 
-    def __call__(self, z: jax.Array) -> jax.Array:
-        h = self.conv_in(z)
-        h = _run_block(self.mid1, h, self.remat)
+    def __call__(self, z: jax.Array, cache: FeatureCache | None = None) -> jax.Array:
+        h = self.conv_in(z, cache)
+        h = _run_block(self.mid1, h, self.remat, cache)
         if self.mid_attn is not None:
             h = self.mid_attn(h)
-        h = _run_block(self.mid2, h, self.remat)
+        h = _run_block(self.mid2, h, self.remat, cache)
         for up, level in zip(self.ups, self.blocks):
             if up is not None:
-                h = up(h)
+                h = up(h, cache)
             for block in level:
-                h = _run_block(block, h, self.remat)
-        return self.conv_out(nnx.silu(self.norm_out(h)))
+                h = _run_block(block, h, self.remat, cache)
+        return self.conv_out(nnx.silu(self.norm_out(h)), cache)
 
 
 def space_to_depth(x: jax.Array, p: int) -> jax.Array:
@@ -558,9 +655,15 @@ def _call_block(block: nnx.Module, x: jax.Array) -> jax.Array:
 _remat_call_block = nnx.remat(_call_block)
 
 
-def _run_block(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
+def _run_block(
+    block: nnx.Module, x: jax.Array, remat: bool, cache: FeatureCache | None = None
+) -> jax.Array:
     # Rematerialising whole ResBlocks trades one extra forward for not storing the four
-    # full-resolution activations of each block, which dominate VAE training memory.
+    # full-resolution activations of each block, which dominate VAE training memory. Chunked
+    # (cached) passes are inference only: nothing to rematerialise, and the cache is a Python
+    # object that remat could not trace through.
+    if cache is not None:
+        return block(x, cache)
     return _remat_call_block(block, x) if remat else block(x)
 
 
@@ -592,6 +695,9 @@ class CausalVAE(nnx.Module):
         channels that is <= min(norm_groups, channels // 4).
       mid_attention: add per-frame self-attention in the encoder and decoder middles.
       remat: rematerialise ResBlocks (``nnx.remat`` / ``jax.checkpoint``) to save memory.
+      patch_shortcut: add a learned linear map from each latent's (td, s, s) pixel block to the
+        latent and back around the conv encoder and decoder (``LinearPatchShortcut``, DC-AE's
+        residual autoencoding); the conv output layers then start at zero.
       logvar_init: initial bias of the posterior log-variance (e.g. -6: a nearly deterministic
         start that trains faster under a small KL weight; 0 is the textbook start).
       dtype: computation dtype (e.g. jnp.bfloat16); parameters stay float32.
@@ -599,7 +705,7 @@ class CausalVAE(nnx.Module):
 
     Raises:
       ValueError: for an inconsistent config (non-power-of-2 spatial_downsample, temporal
-        downsample not in {1, 2, 4}, too few channel_mults, non-positive sizes).
+        downsample not in {1, 2, 4, 8}, too few channel_mults, non-positive sizes).
     """
 
     def __init__(
@@ -617,6 +723,7 @@ class CausalVAE(nnx.Module):
         mid_attention: bool = False,
         remat: bool = False,
         logvar_init: float = 0.0,
+        patch_shortcut: bool = False,
         dtype=None,
         rngs: nnx.Rngs,
     ):
@@ -660,6 +767,18 @@ class CausalVAE(nnx.Module):
         pixels = in_channels * patch_size * patch_size
         self.encoder = CausalEncoder(in_channels=pixels, logvar_init=logvar_init, **common)
         self.decoder = CausalDecoder(out_channels=pixels, **common)
+        from sora_jax.models.patch_shortcut import LinearPatchShortcut
+
+        self.shortcut = LinearPatchShortcut(
+            in_channels, latent_channels, spatial_downsample, temporal_downsample, rngs=rngs
+        ) if patch_shortcut else None
+        if patch_shortcut:
+            # The conv paths start at zero, so the model starts as exactly the linear code
+            # (PCA once ``shortcut.init_from_data`` ran) and learns the remainder.
+            out = self.encoder.conv_out
+            out.kernel[...] = out.kernel[...].at[..., :latent_channels].set(0.0)
+            out.bias[...] = out.bias[...].at[:latent_channels].set(0.0)
+            self.decoder.conv_out.kernel[...] = jnp.zeros_like(self.decoder.conv_out.kernel[...])
 
     # ---- shape helpers (no parameters touched) ----
 
@@ -703,36 +822,62 @@ class CausalVAE(nnx.Module):
 
     # ---- model ----
 
-    def encode(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Posterior parameters of a video.
+    def encode(
+        self, video: jax.Array, cache: FeatureCache | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Posterior parameters of a video, or of one time chunk of it.
 
         Args:
           video: (B, T, H, W, in_channels) float, pixels in [-1, 1].
+          cache: None for a whole video. For chunked encoding (see
+            ``sora_jax.models.vae_streaming``) a ``FeatureCache``: a new one for the first chunk
+            (T = 1 + temporal_downsample * k frames), then one holding the previous chunk's
+            ``feats`` for each later chunk (T = temporal_downsample * k frames, k >= 1: the
+            chunk's latent frames). The chunks' latents concatenate to the whole pass's.
 
         Returns:
           (mean, logvar), each (B, t, h, w, latent_channels) float; logvar clipped to [-30, 20].
+          t = 1 + k for a whole video or a first chunk, k for a later chunk.
 
         Raises:
           ValueError: if video is not 5-D with in_channels channels, T is not
-            1 + temporal_downsample * k, or H / W are not multiples of spatial_downsample.
+            1 + temporal_downsample * k (temporal_downsample * k, k >= 1, for a later chunk), or
+            H / W are not multiples of spatial_downsample.
         """
         if video.ndim != 5 or video.shape[-1] != self.in_channels:
             raise ValueError(
                 f"encode expects video of shape (B, T, H, W, {self.in_channels}), got {video.shape}"
             )
         _, T, H, W, _ = video.shape
+        td = self.temporal_downsample
+        if cache is not None and not cache.first:
+            if T < td or T % td:
+                raise ValueError(
+                    f"a later chunk of a chunked encode must have a positive multiple of "
+                    f"temporal_downsample={td} frames, got T={T}"
+                )
+            T = T + 1  # the dims check below then sees a valid 1 + td*k length
         self._check_video_dims(T, H, W, what=f"video of shape {tuple(video.shape)}")
-        return self.encoder(space_to_depth(video, self.patch_size))
+        first = cache is None or cache.first
+        mean, logvar = self.encoder(space_to_depth(video, self.patch_size), cache)
+        if self.shortcut is not None:
+            mean = mean + self.shortcut.encode(video, first).astype(mean.dtype)
+        return mean, logvar
 
-    def decode(self, z: jax.Array) -> jax.Array:
-        """Decodes latents to video.
+    def decode(self, z: jax.Array, cache: FeatureCache | None = None) -> jax.Array:
+        """Decodes latents to video, or one time chunk of latents.
 
         Args:
           z: (B, t, h, w, latent_channels) float.
+          cache: None for a whole latent video. For chunked decoding (see
+            ``sora_jax.models.vae_streaming``) a ``FeatureCache``: a new one for the first chunk,
+            then one holding the previous chunk's ``feats`` for each later chunk; any t >= 1 per
+            chunk. The chunks' frames concatenate to the whole pass's.
 
         Returns:
-          (B, video_frames(t), h * s, w * s, in_channels) float, unbounded (no tanh); it is
-          trained towards [-1, 1] pixels, so clip before display.
+          (B, T, h * s, w * s, in_channels) float with T = video_frames(t) for a whole video or
+          a first chunk and T = temporal_downsample * t for a later chunk; unbounded (no tanh):
+          it is trained towards [-1, 1] pixels, so clip before display.
 
         Raises:
           ValueError: if z is not 5-D with latent_channels channels.
@@ -742,7 +887,11 @@ class CausalVAE(nnx.Module):
                 f"decode expects latents of shape (B, t, h, w, {self.latent_channels}) with "
                 f"t, h, w >= 1, got {z.shape}"
             )
-        return depth_to_space(self.decoder(z), self.patch_size)
+        first = cache is None or cache.first
+        out = depth_to_space(self.decoder(z, cache), self.patch_size)
+        if self.shortcut is not None:
+            out = out + self.shortcut.decode(z, first).astype(out.dtype)
+        return out
 
     def __call__(
         self,

@@ -1,4 +1,5 @@
-"""VAE objective: pixel reconstruction (L1 / L2) plus a weighted KL to N(0, I).
+"""VAE objective: pixel reconstruction (L1 / L2, SSIM), a weighted KL to N(0, I), and the
+adversarial pieces (hinge losses, VQGAN's adaptive weight).
 
 The KL of a diagonal Gaussian posterior q(z|x) = N(mean, exp(logvar)) from the prior N(0, I) is,
 per latent element (Kingma & Welling 2014, "Auto-Encoding Variational Bayes", Appendix B /
@@ -8,14 +9,37 @@ eq. 10, where -KL = 1/2 sum(1 + log sigma^2 - mu^2 - sigma^2)):
 
 Latent-diffusion VAEs (and the causal video VAEs of MAGVIT-v2, CogVideoX, Open-Sora) use a tiny
 KL weight so the latent stays close to a reconstruction code while keeping a bounded scale.
+
+Pixel losses alone give blurred reconstructions; the recipe adds a structural term
+``1 - SSIM`` (Wang et al. 2004) and a patch discriminator trained with hinge losses (Lim & Ye
+2017, "Geometric GAN"; as in VQGAN, Esser et al. 2021), whose generator term is scaled by the
+adaptive weight of VQGAN eq. 7. No perceptual network (LPIPS needs downloaded VGG weights).
+The full training objective lives in ``sora_jax.train.steps.vae_loss_fn``.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["kl_divergence", "psnr", "vae_loss"]
+__all__ = [
+    "adaptive_weight",
+    "gaussian_window",
+    "hinge_d_loss",
+    "hinge_g_loss",
+    "kl_divergence",
+    "psnr",
+    "ssim",
+    "ssim_per_frame",
+    "vae_loss",
+]
+
+# Wang et al. 2004: 11-tap Gaussian window, sigma 1.5; K1 = 0.01, K2 = 0.03 on data range 1.
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
 
 
 def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -71,25 +95,30 @@ def vae_loss(
     l1_weight: float = 1.0,
     l2_weight: float = 0.0,
     kl_weight: float = 1e-6,
+    ssim_weight: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted VAE loss: l1_weight * L1 + l2_weight * L2 + kl_weight * KL.
+    """Weighted VAE loss: l1_weight * L1 + l2_weight * L2 + ssim_weight * (1 - SSIM) + kl_weight * KL.
 
     L1 and L2 are means over all pixel elements of |recon - target| and (recon - target)^2 (on
-    the [-1, 1] scale); KL is ``kl_divergence`` (mean over latent elements, Kingma & Welling 2014
-    eq. 10). Averaging rather than summing keeps the weights independent of resolution and
-    duration, so one set of weights serves every size.
+    the [-1, 1] scale); SSIM is ``ssim`` (Wang et al. 2004, per frame, pixels mapped to [0, 1]);
+    KL is ``kl_divergence`` (mean over latent elements, Kingma & Welling 2014 eq. 10). Averaging
+    rather than summing keeps the weights independent of resolution and duration, so one set
+    of weights serves every size.
 
     Args:
-      recon, target: video (B, T, H, W, C) float (any shape, equal).
+      recon, target: video (B, T, H, W, C) float (any shape, equal; SSIM needs (..., H, W, C)).
       mean, logvar: posterior parameters (B, t, h, w, c) float (equal shapes).
-      l1_weight, l2_weight, kl_weight: non-negative floats (may be traced arrays).
+      l1_weight, l2_weight, kl_weight, ssim_weight: non-negative floats (may be traced arrays).
+        A Python 0 ``ssim_weight`` still reports SSIM (NaN for inputs without (H, W, C) axes),
+        without differentiating it.
 
     Returns:
       (loss, metrics): loss a float32 scalar; metrics a dict of float32 scalars ``loss``, ``l1``,
-      ``l2``, ``kl`` and ``psnr`` (dB, [-1, 1] pixels mapped to [0, 1], recon clipped).
+      ``l2``, ``kl``, ``ssim`` and ``psnr`` (dB, [-1, 1] pixels mapped to [0, 1], recon clipped).
 
     Raises:
-      ValueError: if recon and target, or mean and logvar, differ in shape.
+      ValueError: if recon and target, or mean and logvar, differ in shape, or ssim_weight is
+        non-zero and recon has fewer than 3 axes.
     """
     if recon.shape != target.shape:
         raise ValueError(f"recon {recon.shape} and target {target.shape} must have the same shape")
@@ -98,11 +127,178 @@ def vae_loss(
     l2 = jnp.mean(jnp.square(diff))
     kl = kl_divergence(mean, logvar)
     loss = l1_weight * l1 + l2_weight * l2 + kl_weight * kl
+    ssim_off = isinstance(ssim_weight, (int, float)) and ssim_weight == 0
+    if ssim_off:
+        s = _ssim_or_nan(jax.lax.stop_gradient(recon), target)
+    else:
+        s = ssim(recon, target)
+        loss = loss + ssim_weight * (1.0 - s)
     metrics = {
         "loss": loss,
         "l1": l1,
         "l2": l2,
         "kl": kl,
+        "ssim": s,
         "psnr": psnr(jax.lax.stop_gradient(recon), target),
     }
     return loss, metrics
+
+
+def _ssim_or_nan(recon: jax.Array, target: jax.Array) -> jax.Array:
+    # Callers of ``vae_loss`` may pass flat arrays (no frame axes); SSIM is undefined there.
+    if recon.ndim < 3:
+        return jnp.full((), jnp.nan, jnp.float32)
+    return ssim(recon, target)
+
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> jax.Array:
+    """Normalised 1-D Gaussian taps exp(-x^2 / (2 sigma^2)), x = -(size // 2) .. size // 2.
+
+    Returns:
+      float32 (size,), summing to 1 (the 2-D window is its outer product).
+
+    Raises:
+      ValueError: if size is not a positive odd int or sigma <= 0.
+    """
+    if not isinstance(size, int) or size < 1 or size % 2 == 0 or sigma <= 0:
+        raise ValueError(f"window size must be a positive odd int and sigma > 0, got {size}, {sigma}")
+    return jnp.asarray(_gaussian_taps(size, sigma), jnp.float32)
+
+
+def _gaussian_taps(size: int, sigma: float) -> np.ndarray:
+    # numpy, so that shapes and taps stay constants when traced under jit
+    x = np.arange(size, dtype=np.float64) - size // 2
+    w = np.exp(-0.5 * np.square(x / sigma))
+    return w / np.sum(w)
+
+
+def _blur_matrix(n: int, taps: np.ndarray, rows: slice) -> np.ndarray:
+    """(len(rows), n) matrix M with M @ v = the Gaussian filter of v (length n) at ``rows``.
+
+    Borders are mirrored (numpy 'symmetric', scipy.ndimage 'reflect', what skimage's SSIM
+    uses), extended with period 2n for filters wider than the signal. A dense matrix product
+    replaces a depthwise convolution, which XLA:CPU runs several times slower.
+    """
+    r = len(taps) // 2
+    src = np.arange(-r, n + r) % (2 * n)
+    src = np.where(src < n, src, 2 * n - 1 - src)
+    m = np.zeros((n, n), np.float64)
+    for k, tap in enumerate(taps):
+        np.add.at(m, (np.arange(n), src[k : k + n]), tap)
+    return m[rows]
+
+
+def ssim_per_frame(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Structural similarity of every frame pair (Wang et al. 2004, "Image quality assessment:
+    from error visibility to structural similarity", eq. 13), differentiable.
+
+    Pixels in [-1, 1] are mapped to [0, 1] (data range 1, no clipping). Local means, variances
+    and the covariance come from an 11-tap Gaussian window of sigma 1.5 (population statistics,
+    K1 = 0.01, K2 = 0.03), each channel alone; the SSIM map is averaged over the frame's interior
+    (a border of 5 px dropped, fewer on frames under 11 px: the largest odd window that fits)
+    and over channels. This reproduces ``skimage.metrics.structural_similarity`` with
+    ``gaussian_weights=True, use_sample_covariance=False, data_range=1`` (and so
+    ``sora_jax.evaluation.metrics.ssim``) to float32 rounding. The window is applied as two
+    dense (H', H) and (W', W) matrix products, O(H + W) per pixel: fast for training crops, not
+    meant for full-HD frames.
+
+    Args:
+      a, b: (..., H, W, C) float, same shape, e.g. video (B, T, H, W, C); leading axes are frames.
+
+    Returns:
+      float32 (prod of leading axes,) SSIM per frame, in [-1, 1]; 1 for identical frames.
+
+    Raises:
+      ValueError: shapes differ or fewer than 3 axes.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"a {a.shape} and b {b.shape} must have the same shape")
+    if a.ndim < 3:
+        raise ValueError(f"expected (..., H, W, C) frames, got shape {a.shape}")
+    h, w, c = a.shape[-3:]
+    x = (a.astype(jnp.float32).reshape(-1, h, w, c) + 1.0) * 0.5
+    y = (b.astype(jnp.float32).reshape(-1, h, w, c) + 1.0) * 0.5
+    side = min(h, w)
+    win = min(SSIM_WINDOW, side if side % 2 else side - 1)
+    pad = (win - 1) // 2
+    taps = _gaussian_taps(SSIM_WINDOW, SSIM_SIGMA)
+    # Only the rows and columns kept after dropping the border are filtered.
+    mh = jnp.asarray(_blur_matrix(h, taps, slice(pad, h - pad)), jnp.float32)
+    mw = jnp.asarray(_blur_matrix(w, taps, slice(pad, w - pad)), jnp.float32)
+    stats = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
+    # HIGHEST: TPU / GPU default matmul precision (bf16 / tf32 passes) would wreck the variances
+    # E[x^2] - E[x]^2, a difference of nearly equal numbers.
+    hi = jax.lax.Precision.HIGHEST
+    stats = jnp.einsum("ih,nhwc->niwc", mh, stats, precision=hi)
+    stats = jnp.einsum("jw,niwc->nijc", mw, stats, precision=hi)
+    ux, uy, uxx, uyy, uxy = jnp.split(stats, 5, axis=-1)
+    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return jnp.mean(s, axis=(1, 2, 3))
+
+
+def ssim(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Mean of ``ssim_per_frame`` over all frames: float32 scalar in [-1, 1] (1 iff equal).
+
+    The structural loss of the VAE recipe is ``1 - ssim(recon, target)``.
+
+    Raises:
+      ValueError: as ``ssim_per_frame``.
+    """
+    return jnp.mean(ssim_per_frame(a, b))
+
+
+def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
+    """Discriminator hinge loss (Lim & Ye 2017, "Geometric GAN", eq. 7; VQGAN's ``hinge_d_loss``):
+
+        0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(G(z)))))
+
+    Zero once real logits are >= 1 and fake ones <= -1, so a confident discriminator stops
+    pushing. The 0.5 averages the two halves (as VQGAN does).
+
+    Args:
+      logits_real, logits_fake: float arrays of any shapes (patch logits).
+
+    Returns:
+      float32 scalar >= 0.
+    """
+    real = jnp.mean(jax.nn.relu(1.0 - logits_real.astype(jnp.float32)))
+    fake = jnp.mean(jax.nn.relu(1.0 + logits_fake.astype(jnp.float32)))
+    return 0.5 * (real + fake)
+
+
+def hinge_g_loss(logits_fake: jax.Array) -> jax.Array:
+    """Generator loss of the hinge GAN (Lim & Ye 2017, eq. 8; VQGAN's ``g_loss``): -mean(D(G(z))).
+
+    Args:
+      logits_fake: float array, the discriminator's logits on reconstructions.
+
+    Returns:
+      float32 scalar (unbounded).
+    """
+    return -jnp.mean(logits_fake.astype(jnp.float32))
+
+
+def adaptive_weight(grad_rec: jax.Array, grad_gan: jax.Array, max_weight: float = 1e4,
+                    eps: float = 1e-4) -> jax.Array:
+    """VQGAN's adaptive adversarial weight (Esser et al. 2021, "Taming Transformers", eq. 7):
+
+        lambda = ||grad_{G_L} L_rec|| / (||grad_{G_L} L_GAN|| + eps), clipped to [0, max_weight]
+
+    where G_L is the decoder's last layer: the GAN term is scaled so that its gradient at the
+    output layer is as large as the reconstruction term's, whatever the two losses' scales.
+    The result carries no gradient (it is a weight, not part of the objective).
+
+    Args:
+      grad_rec, grad_gan: gradients of the reconstruction and generator losses with respect to
+        the last layer's kernel, float arrays (same shape).
+      max_weight: upper clip (VQGAN: 1e4).
+      eps: keeps the ratio finite while the GAN gradient is ~0 (VQGAN: 1e-4).
+
+    Returns:
+      float32 scalar in [0, max_weight], stop-gradient.
+    """
+    num = jnp.sqrt(jnp.sum(jnp.square(grad_rec.astype(jnp.float32))))
+    den = jnp.sqrt(jnp.sum(jnp.square(grad_gan.astype(jnp.float32)))) + eps
+    return jax.lax.stop_gradient(jnp.clip(num / den, 0.0, max_weight))

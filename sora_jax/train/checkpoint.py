@@ -82,12 +82,22 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorState(data_state))
         self.manager.save(int(step), args=ocp.args.Composite(**items))
 
-    def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, step: int | None = None) -> dict:
+    def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, step: int | None = None,
+                *, subtree: str | None = None) -> dict:
         """Restores in place into ``model`` (and ``optimizer``) and returns the saved metadata.
+
+        ``subtree``: restore ``model`` from that top-level entry of the saved model only (e.g.
+        ``"vae"`` of a saved ``VAETrainModel``: inference reads the autoencoder and never the
+        discriminator it was trained with); the optimizer cannot be restored that way.
 
         Raises:
           CheckpointNotFoundError: no checkpoint exists under the directory (or not ``step``).
+          ValueError: ``subtree`` together with ``optimizer``.
         """
+        if subtree is not None:
+            if optimizer is not None:
+                raise ValueError("restore(subtree=...) restores a model only, not an optimizer")
+            return self._restore_subtree(model, subtree, step)
         step = self.latest_step() if step is None else step
         if step is None or step not in self.manager.all_steps():
             raise CheckpointNotFoundError(
@@ -107,6 +117,23 @@ class Checkpointer:
         if optimizer is not None:
             nnx.replace_by_pure_dict(opt_state, restored["optimizer"])
             nnx.update(optimizer, opt_state)
+        return dict(restored["meta"])
+
+    def _restore_subtree(self, model: nnx.Module, subtree: str, step: int | None) -> dict:
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            raise CheckpointNotFoundError(
+                f"no checkpoint{'' if step is None else f' for step {step}'} in {self.directory}"
+            )
+        model_state = nnx.state(model)
+        target = {subtree: _abstract(nnx.to_pure_dict(model_state))}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            model=ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True),
+            meta=ocp.args.JsonRestore()))
+        nnx.replace_by_pure_dict(model_state, restored["model"][subtree])
+        nnx.update(model, model_state)
         return dict(restored["meta"])
 
     def restore_data_state(self, step: int | None = None) -> dict[str, Any] | None:

@@ -34,7 +34,8 @@ from sora_jax.train.metrics import MetricWriter
 log = logging.getLogger("sora_jax.train")
 
 Batch = dict[str, np.ndarray]
-LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[[nnx.Module, Batch, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+OptimizerFn = Callable[[ml_collections.ConfigDict], tuple[optax.GradientTransformation, optax.Schedule]]
 
 
 @dataclasses.dataclass
@@ -44,12 +45,21 @@ class TrainTask:
     Attributes:
       name: run name used in logs ("vae", "dit").
       model: the NNX module to train (updated in place).
-      loss_fn: ``(model, batch, key) -> (scalar loss, {name: scalar})``, traced under ``jax.jit``.
+      loss_fn: ``(model, batch, key, step) -> (scalar loss, {name: scalar})``, traced under
+        ``jax.jit``; ``step`` is the int32 scalar array of the step being taken (0-based), for
+        losses whose terms switch on or change with training time.
       batch_fn: ``step -> batch`` (dict of numpy arrays), deterministic in ``step``; or None
         when ``dataset`` is given.
       meta: JSON-serialisable facts stored with every checkpoint (e.g. the config).
       dataset: an iterable (e.g. ``grain.IterDataset``) whose iterator has ``get_state()`` and
         ``set_state(state)`` (JSON-serialisable state); used instead of ``batch_fn``.
+      optimizer_fn: ``train config -> (optax transformation, learning-rate schedule)`` over the
+        model's ``nnx.Param`` tree; None: ``make_optimizer``. Lets a task give parts of its
+        model their own transformations (e.g. a GAN discriminator with its own clipping).
+      on_finish: called once with ``model`` after the last step has run in this invocation, once
+        the trained state is in the model and before the final checkpoint is written, so what
+        it stores in the model's variables (e.g. latent statistics) is saved with it. Not
+        called when a run resumes at its final step and so trains nothing.
     """
 
     name: str
@@ -58,6 +68,8 @@ class TrainTask:
     batch_fn: Callable[[int], Batch] | None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
     dataset: Any = None
+    optimizer_fn: OptimizerFn | None = None
+    on_finish: Callable[[nnx.Module], None] | None = None
 
 
 class _Batches:
@@ -84,23 +96,35 @@ class _Batches:
         return next(self.iterator), self.iterator.get_state()
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warm-up, cosine decay and global-norm clipping, from a ``train`` config.
-
-    Fields: ``learning_rate``, ``warmup_steps``, ``steps``, ``weight_decay``, ``grad_clip``,
-    ``b1``, ``b2``, ``min_lr_ratio``. Returns the transformation and its learning-rate schedule.
-    """
-    schedule = optax.warmup_cosine_decay_schedule(
+def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up then cosine decay to ``learning_rate * min_lr_ratio`` at ``steps``, from a
+    ``train`` config (``learning_rate``, ``warmup_steps``, ``steps``, ``min_lr_ratio``)."""
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
         warmup_steps=max(1, min(cfg.warmup_steps, cfg.steps - 1)),
         decay_steps=max(2, cfg.steps),
         end_value=cfg.learning_rate * cfg.min_lr_ratio,
     )
+
+
+def clipped_adamw(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Global-norm clipping (``grad_clip``) then AdamW (``b1``, ``b2``, ``weight_decay``) at
+    ``schedule``; the norm is over whatever tree the transformation is applied to."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
-    ), schedule
+    )
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up, cosine decay and global-norm clipping, from a ``train`` config.
+
+    Fields: ``learning_rate``, ``warmup_steps``, ``steps``, ``weight_decay``, ``grad_clip``,
+    ``b1``, ``b2``, ``min_lr_ratio``. Returns the transformation and its learning-rate schedule.
+    """
+    schedule = make_schedule(cfg)
+    return clipped_adamw(cfg, schedule), schedule
 
 
 class TrainStep:
@@ -115,7 +139,8 @@ class TrainStep:
     Args:
       model: the module to train.
       optimizer: ``nnx.Optimizer`` over ``model``.
-      loss_fn: ``(model, batch, key) -> (scalar loss, {name: scalar})``.
+      loss_fn: ``(model, batch, key, step) -> (scalar loss, {name: scalar})``; ``step`` is the
+        int32 scalar array ``i``.
       schedule: learning-rate schedule (reported as the ``learning_rate`` metric).
       seed: base of the per-step keys.
     """
@@ -132,7 +157,7 @@ class TrainStep:
             model, opt = nnx.merge(graphdef, state)
             key = jax.random.fold_in(base_key, step)
             (loss, aux), grads = nnx.value_and_grad(
-                lambda m: loss_fn(m, batch, key), has_aux=True
+                lambda m: loss_fn(m, batch, key, step), has_aux=True
             )(model)
             opt.update(model, grads)
             aux = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(step))
@@ -176,7 +201,7 @@ def train(
         checkpoint to resume from lacks the iterator state a ``dataset`` task needs.
       FloatingPointError: the logged mean loss is not finite.
     """
-    tx, schedule = make_optimizer(cfg)
+    tx, schedule = (task.optimizer_fn or make_optimizer)(cfg)
     optimizer = nnx.Optimizer(task.model, tx, wrt=nnx.Param)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep)
     start, data_state = 0, None
@@ -215,8 +240,11 @@ def train(
             bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 sync_model()
+                if done == cfg.steps and task.on_finish is not None:
+                    task.on_finish(task.model)
                 ckpt.save(done, task.model, optimizer, task.meta, data_state)
-        sync_model()
+        # No sync after the loop: the last step already synced, and a second sync would undo
+        # what on_finish stored in the model.
     finally:
         bar.close()
         pool.shutdown(wait=False, cancel_futures=True)
