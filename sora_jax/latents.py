@@ -53,7 +53,6 @@ class VAECodec:
         if chunk or tile:
             from sora_jax.models.vae_streaming import StreamingVAE
 
-            # StreamingVAE copies the weights: build the codec after restoring a checkpoint
             self.streaming = StreamingVAE(vae, chunk=chunk or None, tile=tile or None,
                                           overlap=overlap or None)
 
@@ -94,7 +93,8 @@ class VAECodec:
         """(B, t, h, w, c) normalised latents -> (B, T, H, W, C) float32 pixels clipped to [-1, 1]."""
         z = self.denormalize(latents)
         if self.streaming is not None:
-            return np.clip(self.streaming.decode(z), -1.0, 1.0)
+            video = self.streaming.decode(z)
+            return np.clip(video, -1.0, 1.0, out=video)  # in place: no second full-length copy
         return np.clip(np.asarray(self._decode(self.state, jnp.asarray(z))), -1.0, 1.0)
 
     def reconstruct(self, video: np.ndarray) -> np.ndarray:

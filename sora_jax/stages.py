@@ -185,6 +185,16 @@ def _validate_vae(cfg: ml_collections.ConfigDict):
             if v.get(key, want) != want:
                 raise ConfigError(f"config key 'vae.{key}': the identity autoencoder needs {want}, "
                                   f"got {v[key]} (pixel patches are set by dit.patch)")
+    inference = cfg.get("vae_inference") or {}
+    for key in ("chunk", "tile", "overlap"):
+        if int(inference.get(key) or 0) < 0:
+            raise ConfigError(f"config key 'vae_inference.{key}': must be >= 0 (0 = off), "
+                              f"got {inference[key]}")
+    tile, overlap = int(inference.get("tile") or 0), int(inference.get("overlap") or 0)
+    if tile and (tile % v.spatial_downsample or overlap % v.spatial_downsample or overlap >= tile):
+        raise ConfigError(f"config key 'vae_inference.tile' / 'vae_inference.overlap': {tile} / "
+                          f"{overlap} pixels must be multiples of vae.spatial_downsample="
+                          f"{v.spatial_downsample}, overlap smaller than tile")
     if "vae_eval" not in cfg:
         return  # a run config written before the section existed; evaluate_vae says so
     from data_pipelines import real_clips, sources
@@ -206,6 +216,8 @@ def _validate_vae(cfg: ml_collections.ConfigDict):
     if bad or not e.image_sources:
         raise ConfigError(f"config key 'vae_eval.image_sources': {bad or 'empty'} are not held-out "
                           f"bundled photos (use some of {list(real_clips.HELDOUT_PHOTOS)})")
+    if e.get("max_digits", 0) < 0:
+        raise ConfigError(f"config key 'vae_eval.max_digits': must be >= 0, got {e.max_digits}")
     for key in ("max_videos", "max_images", "batch"):
         if e[key] < 1:
             raise ConfigError(f"config key 'vae_eval.{key}': must be >= 1, got {e[key]}")
@@ -222,7 +234,13 @@ def _restore(model: nnx.Module, run_dir: str, what: str, subtree: str | None = N
         raise StageError(f"no {what} checkpoint in {run_dir}: run `sora-jax train-{what}` first")
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
     try:
-        meta = ckpt.restore(model, subtree=subtree)
+        try:
+            meta = ckpt.restore(model, subtree=subtree)
+        except (ValueError, KeyError) as e:  # a tree that does not match this model
+            raise StageError(f"the {what} checkpoint in {run_dir} does not match this config's "
+                             f"model (another config, or written by an older sora-jax without "
+                             f"latent statistics in the checkpoint: rerun `sora-jax train-{what}` "
+                             f"in a new run folder): {str(e)[:300]}") from None
     except CheckpointNotFoundError:
         raise StageError(f"no {what} checkpoint in {run_dir}: run `sora-jax train-{what}` first") from None
     finally:
@@ -417,8 +435,8 @@ def train_vae(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
 
         if getattr(vae, "shortcut", None) is not None and _latest_step(p["vae"]) is None:
             # a fresh run starts from the PCA code of training clips (a resumed one restores)
-            clips = [b for b in (batch_fn(30_000_000 + i)["video"] for i in range(64))
-                     if b.shape[1] > 1][:32]
+            batches = [batch_fn(30_000_000 + i)["video"] for i in range(64)]
+            clips = [b for b in batches if b.shape[1] > 1][:32] or batches[:32]  # images only
             kept = vae.shortcut.init_from_data(np.concatenate(clips))
             log.info("vae: linear patch shortcut initialised by PCA (%.1f%% of block variance)",
                      100 * kept)

@@ -137,8 +137,8 @@ class StreamingVAE:
     of the frame size. See the module docstring for the method.
 
     Args:
-      vae: a ``CausalVAE``. Its parameters are captured at construction (``nnx.split``): build
-        a new ``StreamingVAE`` after changing them.
+      vae: a ``CausalVAE``. ``nnx.split`` shares its Variables, so in-place updates of the
+        model (a checkpoint restore, new latent statistics) are seen by later calls.
       chunk: latent frames per time chunk after the first (which is latent frame 0 alone:
         encoder input frame 0, decoder output frame 0), i.e. ``temporal_downsample * chunk``
         video frames; None: no time chunking (one whole pass per tile, memory grows with T).
@@ -334,6 +334,7 @@ class StreamingVAE:
                 (lo, min(lo + n, T), (min(lo + n, T) - lo) // td, n) for lo in range(1, T, n)
             ]
         caches: list = [None] * len(tiles)
+        self._num_tiles = len(tiles)
         for lo, hi, keep, length in spans:
             x = _pad_time(np.asarray(video[:, lo:hi], np.float32), length)
             if len(tiles) == 1:
@@ -353,7 +354,7 @@ class StreamingVAE:
             mean, logvar = self._encode_whole(self._state, jnp.asarray(x))
             return np.asarray(mean, np.float32), np.asarray(logvar, np.float32), None
         mean, logvar, feats = self._encode_chunk(self._state, jnp.asarray(x), feats)
-        return np.asarray(mean, np.float32), np.asarray(logvar, np.float32), feats
+        return np.asarray(mean, np.float32), np.asarray(logvar, np.float32), self._park(feats)
 
     def encode(self, video: np.ndarray, *, return_logvar: bool = False):
         """Posterior mean (and log-variance) of a video, chunked and tiled as configured.
@@ -405,6 +406,7 @@ class StreamingVAE:
                 for lo in range(1, t, self.chunk)
             ]
         caches: list = [None] * len(tiles)
+        self._num_tiles = len(tiles)
         for lo, hi, keep, length in spans:
             zc = _pad_time(np.asarray(z[:, lo:hi], np.float32), length)
             if len(tiles) == 1:
@@ -421,7 +423,12 @@ class StreamingVAE:
         if self.chunk is None:
             return np.asarray(self._decode_whole(self._state, jnp.asarray(z)), np.float32), None
         y, feats = self._decode_chunk(self._state, jnp.asarray(z), feats)
-        return np.asarray(y, np.float32), feats
+        return np.asarray(y, np.float32), self._park(feats)
+
+    def _park(self, feats):
+        # With several tiles, every tile's cache together is as large as a whole frame's: keep
+        # them on the host between chunks so device memory holds one tile's at a time.
+        return feats if self._num_tiles <= 1 else jax.device_get(feats)
 
     def decode(self, z: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Decodes latents to video, chunked and tiled as configured.

@@ -241,7 +241,12 @@ def train(
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 sync_model()
                 if done == cfg.steps and task.on_finish is not None:
-                    task.on_finish(task.model)
+                    try:
+                        task.on_finish(task.model)
+                    except BaseException:
+                        # keep the trained weights: a rerun resumes at the last step
+                        ckpt.save(done, task.model, optimizer, task.meta, data_state)
+                        raise
                 ckpt.save(done, task.model, optimizer, task.meta, data_state)
         # No sync after the loop: the last step already synced, and a second sync would undo
         # what on_finish stored in the model.
