@@ -185,6 +185,12 @@ def _validate_vae(cfg: ml_collections.ConfigDict):
             if v.get(key, want) != want:
                 raise ConfigError(f"config key 'vae.{key}': the identity autoencoder needs {want}, "
                                   f"got {v[key]} (pixel patches are set by dit.patch)")
+    from sora_jax.train.steps import vae_loss_settings
+
+    try:
+        vae_loss_settings(cfg.get("vae_loss"))
+    except ValueError as e:
+        raise ConfigError(f"config section 'vae_loss': {e}") from None
     inference = cfg.get("vae_inference") or {}
     for key in ("chunk", "tile", "overlap"):
         if int(inference.get(key) or 0) < 0:

@@ -41,3 +41,12 @@ def test_gpu_variant_and_bad_arg():
     assert cfg.vae_loss.disc_start < cfg.vae_train.steps  # the GAN is on in the long recipe
     with pytest.raises(ValueError, match="unknown arg"):
         config_lib.load_config("configs/vae_4x8x8_c16.py:tpu")
+
+
+def test_bad_vae_loss_is_a_config_error_before_any_work():
+    from sora_jax.config import ConfigError
+
+    cfg = config_lib.load_config("configs/quickstart.py")
+    cfg.vae_loss.ssim_weight = -1.0
+    with pytest.raises(ConfigError, match="vae_loss.*ssim_weight"):
+        validate_config(cfg)

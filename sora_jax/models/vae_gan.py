@@ -16,7 +16,7 @@ from flax import nnx
 
 from sora_jax.models.discriminator import PatchDiscriminator3d
 
-__all__ = ["VAETrainModel", "build_vae_train_model", "gan_enabled"]
+__all__ = ["VAETrainModel", "build_vae_train_model"]
 
 
 class VAETrainModel(nnx.Module):
@@ -35,16 +35,6 @@ class VAETrainModel(nnx.Module):
         self.discriminator = discriminator
 
 
-def _get(cfg: Mapping[str, Any] | Any, key: str, default):
-    value = cfg.get(key, default) if cfg is not None else default
-    return default if value is None else value
-
-
-def gan_enabled(loss_cfg: Mapping[str, Any] | Any) -> bool:
-    """Whether a ``vae_loss`` config turns the adversarial term on (``gan_weight`` > 0)."""
-    return float(_get(loss_cfg, "gan_weight", 0.0)) > 0.0
-
-
 def build_vae_train_model(vae: nnx.Module, loss_cfg: Mapping[str, Any] | Any,
                           rngs: nnx.Rngs) -> VAETrainModel:
     """Wraps ``vae`` with the discriminator its ``vae_loss`` config asks for.
@@ -60,14 +50,18 @@ def build_vae_train_model(vae: nnx.Module, loss_cfg: Mapping[str, Any] | Any,
       ``VAETrainModel(vae, PatchDiscriminator3d or None)``.
 
     Raises:
-      ValueError: a non-positive ``disc_channels`` or ``disc_layers``.
+      ValueError: a bad ``vae_loss`` section (``sora_jax.train.steps.vae_loss_settings``: the
+        one place its keys, defaults and checks live).
     """
+    from sora_jax.train.steps import vae_loss_settings  # steps imports this module
+
+    c = vae_loss_settings(loss_cfg)
     disc = None
-    if gan_enabled(loss_cfg):
+    if c["gan_weight"] > 0:
         disc = PatchDiscriminator3d(
             in_channels=int(getattr(vae, "in_channels", 3)),
-            channels=int(_get(loss_cfg, "disc_channels", 64)),
-            num_layers=int(_get(loss_cfg, "disc_layers", 3)),
+            channels=c["disc_channels"],
+            num_layers=c["disc_layers"],
             rngs=rngs,
         )
     return VAETrainModel(vae, disc)
