@@ -1,6 +1,5 @@
 """The linear patch shortcut: block layout, causality, and PCA initialisation."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -241,12 +241,9 @@ def train(
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 sync_model()
                 if done == cfg.steps and task.on_finish is not None:
-                    try:
-                        task.on_finish(task.model)
-                    except BaseException:
-                        # keep the trained weights: a rerun resumes at the last step
-                        ckpt.save(done, task.model, optimizer, task.meta, data_state)
-                        raise
+                    # Not guarded by an earlier save: a rerun resuming at the final step
+                    # would skip on_finish and keep a checkpoint without what it stores.
+                    task.on_finish(task.model)
                 ckpt.save(done, task.model, optimizer, task.meta, data_state)
         # No sync after the loop: the last step already synced, and a second sync would undo
         # what on_finish stored in the model.
