@@ -38,9 +38,10 @@ def packing_section(**overrides) -> dict:
     max_examples_per_row: cap on examples per row (0 = none).
     data: training latents, "prefix[:weight],prefix[:weight]" (e.g. images and videos encoded
       apart, mixed by weight); "" = the run's own encoded Moving MNIST latents.
+    real_clips: with data "", also the run's real video crops and photos (real_clips_train).
     """
     cfg = dict(row_length=256, text_length=64, max_tokens=256, resolution="native", min_scale=0.5,
                token_drop_rate=0.0, token_drop_distribution="fixed", packing_bins=8,
-               max_examples_per_row=8, data="")
+               max_examples_per_row=8, data="", real_clips=False)
     cfg.update(overrides)
     return cfg

@@ -113,8 +113,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         checkpoint_every=1500,
     )
     # 2 rows of 256 latent tokens (5-15 examples: 16-token images, 48/72-token clips)
-    c.dit_train.update(packing_section(row_length=256, text_length=64, max_tokens=256))
+    # plus the real crops and photos (1 in 6 examples), so image and video prompts on real media
+    # (the modes stage) condition on latents the DiT has seen
+    c.dit_train.update(packing_section(row_length=256, text_length=64, max_tokens=256,
+                                       real_clips=True))
 
-    c.sample = dict(steps=25, cfg=4.0, frames=9, height=32, width=32, fps=8, seed=0)
+    # Image and video prompts (sora_jax.diffusion.conditioning): the share of training examples
+    # given each pattern of clean context frames; visual_dropout removes the drawn context
+    # instead, which trains the branch that visual guidance subtracts.
+    c.conditioning = dict(none=0.4, first_frame=0.2, first_k=0.1, last_k=0.15, first_last=0.1,
+                          keyframes=0.05, max_k=2, keyframe_prob=0.3, visual_dropout=0.1)
+
+    # solver: euler | heun | dpmpp_2m; cfg: text guidance; visual_cfg: guidance on context
+    # frames (1.0 = none, no extra model pass); strength: SDEdit strength of `--mode edit`.
+    c.sample = dict(steps=25, cfg=4.0, frames=9, height=32, width=32, fps=8, seed=0,
+                    solver="euler", visual_cfg=1.0, strength=0.6)
+    # Prompts pass the filter, then the extender ("caption_style": rewrite into the training
+    # captions' grammar; "none"; or "module.path:function", any local callable str -> str).
+    # filter.blocked_terms None = sora_jax.prompts.DEFAULT_BLOCKED_TERMS; refusals exit with 3.
+    c.prompt = dict(extender="caption_style",
+                    filter=dict(enabled=True, blocked_terms=None, blocked_patterns=()))
     c.evaluate = dict(num_samples=40, batch=8)
     return c

@@ -37,7 +37,7 @@ def vae_run(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDic
     c.vae_loss = dict(l1_weight=1.0, l2_weight=1.0, kl_weight=1e-6, ssim_weight=0.2,
                       gan_weight=0.0, disc_start=0, adaptive_weight=True,
                       max_adaptive_weight=1e4, disc_channels=32, disc_layers=3, disc_lr_mult=1.0)
-    c.vae_train.update(steps=1800, batch_size=4, learning_rate=1e-3, warmup_steps=100,
+    c.vae_train.update(steps=2200, batch_size=4, learning_rate=1e-3, warmup_steps=100,
                        checkpoint_every=300, log_every=25)
     c.vae_train.crop = (9, 64, 64)
     c.vae_train.image_prob = 0.2

@@ -46,18 +46,30 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None,
                    help="output JSON file (default: <workdir>/vae/evaluate_vae.json)")
     add("train-dit", "encode latents and train the packed DiT with rectified flow")
-    g = add("generate", "text-to-video samples from a trained run")
+    g = add("generate", "samples from a trained run: text, image and video prompts "
+                        "(--mode); writes media + provenance JSON per sample")
     g.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
+    g.add_argument("--mode", default="t2v", help="t2v (default), t2i, i2v, extend-forward, "
+                   "extend-backward, connect, loop, edit (see sora_jax.modes)")
+    g.add_argument("--input", action="append", default=[], metavar="FILE",
+                   help="image or video file: one for i2v / extend-* / edit, two (A then B) "
+                        "for connect; scaled to cover the output size and centre-cropped")
     g.add_argument("--frames", type=int, default=None)
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--shape", action="append", default=None, metavar="FxHxW",
-                   help="frames x height x width per prompt (repeat once per prompt, or give "
-                        "once for all); overrides --frames/--height/--width. Requests of "
-                        "different shapes are packed into one sampler call.")
+                   help="t2v only: frames x height x width per prompt (repeat once per prompt, "
+                        "or give once for all); overrides --frames/--height/--width. Requests "
+                        "of different shapes are packed into one sampler call.")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale on text")
+    g.add_argument("--visual-cfg", type=float, default=None,
+                   help="guidance scale on the context frames (1 = none)")
+    g.add_argument("--strength", type=float, default=None, help="edit: SDEdit strength in [0, 1]")
     g.add_argument("--steps", type=int, default=None, help="sampler steps")
+    g.add_argument("--solver", default=None, help="euler, heun or dpmpp_2m")
+    g.add_argument("--extender", default=None,
+                   help="prompt extender: caption_style, none or module.path:function")
     g.add_argument("--out", default=None, help="output folder (default: <workdir>/samples)")
     add("evaluate", "prompt adherence (digit and direction accuracy) on held-out prompts")
     add("quickstart", "all stages end to end; writes quickstart_metrics.json")
@@ -118,6 +130,8 @@ def run(argv: list[str] | None = None) -> int:
 
     from sora_jax import stages
     from sora_jax.config import ConfigError
+    from sora_jax.modes import ModeError
+    from sora_jax.prompts import PromptRefused
 
     try:
         cfg = _load(args, overrides)
@@ -139,7 +153,10 @@ def run(argv: list[str] | None = None) -> int:
         else:
             out = stages.quickstart(cfg, wd, progress)
             out = {k: v for k, v in out.items() if k != "samples"}
-    except (stages.StageError, ConfigError, FileNotFoundError) as e:
+    except PromptRefused as e:
+        print(f"sora-jax {args.command}: refused: {e}", file=sys.stderr)
+        return 3
+    except (stages.StageError, ConfigError, ModeError, FileNotFoundError) as e:
         print(f"sora-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError, FloatingPointError) as e:  # bad input met mid-stage: one line, no traceback
@@ -151,20 +168,50 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _generate(cfg, args) -> dict:
-    import datetime
+def _read_media(path: str):
+    """An image file as (H, W, 3) or a video file as (T, H, W, 3), uint8."""
+    from sora_jax.io import read_image, read_video
 
+    if os.path.splitext(path)[1].lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"):
+        return read_image(path)
+    return read_video(path)
+
+
+def _generate(cfg, args) -> dict:
     from sora_jax import stages
+    from sora_jax.generate import Generator, Request, provenance_fields, write_sample
+    from sora_jax.io import write_contact_sheet, write_json
+    from sora_jax.modes import MODES, NUM_INPUTS, run_mode
+    from sora_jax.prompts import make_extender, make_filter
+    from sora_jax.provenance import file_sha256
 
     s = cfg.sample
-    frames = args.frames if args.frames is not None else s.frames
-    height = args.height if args.height is not None else s.height
-    width = args.width if args.width is not None else s.width
-    seed = args.seed if args.seed is not None else s.seed
-    guidance = args.cfg if args.cfg is not None else s.cfg
-    steps = args.steps if args.steps is not None else s.steps
+    pick = lambda flag, key, default=None: flag if flag is not None else s.get(key, default)  # noqa: E731
+    frames, height, width = pick(args.frames, "frames"), pick(args.height, "height"), pick(args.width, "width")
+    seed, guidance, steps = pick(args.seed, "seed"), pick(args.cfg, "cfg"), pick(args.steps, "steps")
+    solver, strength = pick(args.solver, "solver", "euler"), pick(args.strength, "strength", 0.6)
+    visual = pick(args.visual_cfg, "visual_cfg", 1.0)
+    visual = None if visual == 1.0 else visual  # 1 is the plain conditional prediction
+    mode = args.mode
+    if mode not in MODES:
+        raise stages.StageError(f"--mode must be one of {MODES}, got {mode!r}")
     if steps < 1:
         raise stages.StageError(f"--steps must be >= 1, got {steps}")
+    if len(args.input) != NUM_INPUTS[mode]:
+        raise stages.StageError(f"--mode {mode} takes {NUM_INPUTS[mode]} --input file(s), got {len(args.input)}")
+    if args.shape and mode != "t2v":
+        raise stages.StageError("--shape is for --mode t2v; use --frames/--height/--width")
+    pcfg = cfg.get("prompt") or {}
+    prompt_filter = make_filter(pcfg.get("filter"))
+    try:
+        extender = make_extender(args.extender or pcfg.get("extender", "caption_style"))
+    except ValueError as e:
+        raise stages.StageError(f"--extender: {e}") from None
+    for p in args.prompt:  # refuse before loading anything
+        prompt_filter.check(p)
+    extended = [extender(p) for p in args.prompt]
+    for p in extended:  # an extender (e.g. a user's LLM) may add words of its own
+        prompt_filter.check(p)
     shapes = [(frames, height, width)] * len(args.prompt)
     if args.shape:
         if len(args.shape) not in (1, len(args.prompt)):
@@ -178,20 +225,35 @@ def _generate(cfg, args) -> dict:
             raise stages.StageError(f"--shape must look like 9x32x48 (frames x height x width), "
                                     f"got {args.shape}")
         shapes = parsed * len(args.prompt) if len(parsed) == 1 else parsed
+    if mode == "t2i":
+        shapes = [(1, h, w) for _, h, w in shapes]
     for sh in shapes:
         stages.latent_shape(cfg, *sh)  # fail before loading anything
-    gen = stages.Generator(cfg, args.workdir)
-    videos = gen.generate([stages.Request(p, *sh) for p, sh in zip(args.prompt, shapes)],
-                          seed=seed, guidance=guidance, steps=steps)
-    info = {
-        "seed": seed, "cfg": guidance, "steps": steps, "frames": shapes[0][0],
-        "height": shapes[0][1], "width": shapes[0][2], "shapes": [list(sh) for sh in shapes],
-        "checkpoint_step": gen.dit_step, "workdir": os.path.abspath(args.workdir),
-        "sampler": "euler", "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "config": cfg.to_dict(),
-    }
+    inputs = [_read_media(p) for p in args.input]
+    gen = Generator(cfg, args.workdir)
+    kw = dict(seed=seed, guidance=guidance, steps=steps, solver=solver)
+    if mode in ("t2v", "t2i"):  # one packed sampler call for every prompt and shape
+        videos = gen.generate([Request(p, *sh) for p, sh in zip(extended, shapes)], **kw)
+        infos = [{"mode": mode, "frames": int(v.shape[0])} for v in videos]
+    else:
+        results = [run_mode(gen, mode, p, frames=frames, height=height, width=width,
+                            visual_guidance=visual, inputs=inputs, strength=strength, **kw)
+                   for p in extended]
+        videos, infos = [r.video for r in results], [r.info for r in results]
+    fields = provenance_fields(gen, solver=solver, steps=steps, guidance=guidance, visual_guidance=visual,
+                               inputs=[{"path": os.path.abspath(p), "sha256": file_sha256(p)}
+                                       for p in args.input])
     out = args.out or os.path.join(args.workdir, "samples")
-    samples = stages.write_samples(out, args.prompt, videos, info, fps=s.fps)
+    samples = [write_sample(os.path.join(out, f"sample_{i:02d}"), video, prompt=prompt,
+                            extended_prompt=ext, seed=seed, fields=fields, info=info, fps=s.fps)
+               for i, (prompt, ext, video, info) in enumerate(zip(args.prompt, extended, videos, infos))]
+    scale = max(1, 128 // max(videos[0].shape[1:3]))
+    write_contact_sheet(os.path.join(out, "contact_sheet.png"), videos, labels=extended,
+                        scale=max(1, scale // 2))
+    summary = {"mode": mode, "seed": seed, "cfg": guidance, "visual_cfg": visual, "steps": steps,
+               "sampler": solver, "checkpoint_step": gen.dit_step,
+               "workdir": os.path.abspath(args.workdir), "config": cfg.to_dict(), "samples": samples}
+    write_json(os.path.join(out, "samples.json"), summary)
     return {"samples": samples, "contact_sheet": os.path.join(out, "contact_sheet.png")}
 
 

@@ -31,6 +31,9 @@ __all__ = [
     "write_contact_sheet",
     "write_json",
     "default_codec",
+    "write_png",
+    "read_png_text",
+    "read_image",
 ]
 
 PathLike = str | os.PathLike
@@ -387,3 +390,90 @@ def write_json(path: PathLike, obj: Any) -> pathlib.Path:
             os.unlink(tmp)
         raise
     return path
+
+
+# ----------------------------------------------------------------------------- single images
+
+
+def write_png(
+    path: PathLike,
+    image: Any,
+    text: Mapping[str, str] | None = None,
+    scale: int = 1,
+) -> pathlib.Path:
+    """Writes one RGB image as a PNG, optionally with text chunks (e.g. provenance).
+
+    Args:
+      path: output file; parent folders are created; an existing file is overwritten.
+      image: (H, W, 3) or (1, H, W, 3), uint8 or float in [-1, 1] (clipped).
+      text: str -> str, one iTXt chunk per entry (UTF-8, so any prompt survives). Keys must be
+        1-79 Latin-1 characters, as the PNG format requires. Read them back with `read_png_text`.
+      scale: integer nearest-neighbour upscaling factor.
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: wrong shape, empty image, bad scale or an invalid text key.
+      TypeError: pixel dtype other than uint8 / float.
+    """
+    arr = to_uint8(image)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[0] != 1:
+        raise ValueError(f"image must have shape (H, W, 3) or (1, H, W, 3), got {np.shape(image)}")
+    frame = _upscale(_as_video(arr, name="image"), scale)[0]
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            key = str(key)
+            if not 1 <= len(key) <= 79 or not all(ord(c) < 256 for c in key):
+                raise ValueError(f"PNG text keys must be 1-79 Latin-1 characters, got {key!r}")
+            info.add_itxt(key, str(value))
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(frame)).save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def _open_image(path: PathLike) -> Image.Image:
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such image file: {path}")
+    try:
+        image = Image.open(path)
+        image.load()  # decode now, so a truncated file fails here and not at first use
+    except OSError as e:  # includes PIL.UnidentifiedImageError
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    return image
+
+
+def read_png_text(path: PathLike) -> dict[str, str]:
+    """Text chunks (tEXt, zTXt, iTXt) of a PNG file, str -> str.
+
+    Raises:
+      FileNotFoundError: the path does not exist.
+      ValueError: the file is not a readable image (the message names the path).
+    """
+    with _open_image(path) as image:
+        return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Reads an image file (any format Pillow decodes) as RGB.
+
+    Gray, palette and RGBA images are converted to RGB (alpha dropped); for animated formats the
+    first frame is read.
+
+    Returns:
+      uint8 array (H, W, 3).
+
+    Raises:
+      FileNotFoundError: the path does not exist.
+      ValueError: the file is corrupt or not an image (the message names the path).
+    """
+    with _open_image(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)

@@ -18,10 +18,9 @@ import json
 import logging
 import os
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from sora_jax import config as config_lib
 from sora_jax.config import ConfigError
-from sora_jax.io import to_float, to_uint8
+from sora_jax.io import to_float
 
 log = logging.getLogger("sora_jax")
 
@@ -169,6 +168,19 @@ def validate_config(cfg: ml_collections.ConfigDict):
         raise ConfigError("config keys 'dit_train.packing_bins' (>= 1) / "
                           f"'dit_train.max_examples_per_row' (>= 0, 0 = no cap): got "
                           f"{t.packing_bins} / {t.max_examples_per_row}")
+    if cfg.get("conditioning") is not None:
+        from sora_jax.diffusion.conditioning import conditioning_settings
+
+        try:
+            conditioning_settings(cfg.conditioning)
+        except ValueError as e:
+            raise ConfigError(f"config section 'conditioning': {e}") from None
+    from sora_jax.diffusion.samplers import SOLVERS
+
+    if cfg.sample.get("solver", "euler") not in SOLVERS:
+        raise ConfigError(f"config key 'sample.solver': {cfg.sample.solver!r} is not one of {SOLVERS}")
+    if not 0 <= cfg.sample.get("strength", 0.6) <= 1:
+        raise ConfigError(f"config key 'sample.strength': {cfg.sample.strength} is not in [0, 1]")
     if t.text_length < cfg.text.max_length:
         raise ConfigError(f"config key 'dit_train.text_length': {t.text_length} cannot hold one "
                           f"caption of text.max_length={cfg.text.max_length} tokens")
@@ -492,7 +504,11 @@ def text_encoder(max_length: int):
 
 
 def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
-    """Encodes Moving MNIST training clips to normalised latents and captions to text states.
+    """Encodes the DiT's training clips to normalised latents and captions to text states.
+
+    The clips are Moving MNIST's, plus, when ``dit_train.real_clips`` is set, the real video
+    crops and photos of ``real_clips_train`` (so that image and video prompts on real media
+    land on latents the DiT has seen).
 
     Writes ``latents/latents_train-*.array_record`` (``latent``, ``caption_id``, ``caption``) and
     ``latents/text_states.npz`` (``captions``, ``states`` (N, Lt, 384), ``masks`` (N, Lt)).
@@ -505,17 +521,18 @@ def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool 
     p = paths(workdir)
     os.makedirs(p["latents"], exist_ok=True)
     stamp = os.path.join(p["latents"], "done.json")
-    src = read_dataset(datasets["moving_mnist_train"])
+    names = ["moving_mnist_train"] + (["real_clips_train"] if cfg.dit_train.get("real_clips") else [])
+    sources = [read_dataset(datasets[n]) for n in names]
     # what the encoded files depend on: a change in any of these re-encodes
     key = {"vae_checkpoint": checkpoint_fingerprint(p["vae"]), "text_max_length": cfg.text.max_length,
-           "num_examples": len(src)}
+           "num_examples": sum(len(src) for src in sources), "datasets": names}
     if os.path.isfile(stamp):
         with open(stamp) as f:
             done = json.load(f)
         if all(done.get(k) == v for k, v in key.items()):
             return done
     codec = load_codec(cfg, workdir)
-    records = [src[i] for i in range(len(src))]
+    records = [src[i] for src in sources for i in range(len(src))]
     captions = sorted({str(r["caption"]) for r in records})
     cid = {c: i for i, c in enumerate(captions)}
     states, masks = text_encoder(cfg.text.max_length).encode(captions, pad_to=cfg.text.max_length)
@@ -615,7 +632,7 @@ def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     dataset = packed_dataset(source, cfg.dit_train, tuple(cfg.dit.patch), cfg.dit_train.seed,
                              text_table=text_table)
     dit = build_dit(cfg)
-    task = TrainTask("dit", dit, dit_loss_fn(cfg.flow), None,
+    task = TrainTask("dit", dit, dit_loss_fn(cfg.flow, cfg.get("conditioning")), None,
                      meta={"config": config_lib.to_json(cfg)}, dataset=dataset)
     summary = train(task, cfg.dit_train, paths(workdir)["dit"], progress=progress)
     if not str(cfg.dit_train.data).strip():
@@ -659,120 +676,8 @@ def dit_heldout_loss(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Modu
 
 # ------------------------------------------------------------------------------- generation
 
-class Generator:
-    """Text-to-video with the trained VAE, DiT and text encoder of a run folder.
-
-    Args:
-      cfg: the run's config.
-      workdir: the run folder (needs ``vae/`` and ``dit/`` checkpoints).
-    Raises:
-      StageError: a checkpoint is missing.
-    """
-
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
-        self.cfg = cfg
-        self.codec = load_codec(cfg, workdir)
-        self.dit = build_dit(cfg)
-        self.dit_step = _restore(self.dit, paths(workdir)["dit"], "dit")
-        self.text_encoder = text_encoder(cfg.text.max_length)
-
-    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """Latent (t, h, w, c) for a pixel request; StageError if the request is impossible."""
-        return latent_shape(self.cfg, frames, height, width)
-
-    def __call__(self, prompts: list[str], *, frames: int, height: int, width: int, seed: int,
-                 guidance: float, steps: int) -> list[np.ndarray]:
-        """Generates one uint8 video (frames, height, width, 3) per prompt (one shape for all)."""
-        return self.generate([Request(p, frames, height, width) for p in prompts], seed=seed,
-                             guidance=guidance, steps=steps)
-
-    def generate(self, requests: list["Request"], *, seed: int, guidance: float,
-                 steps: int) -> list[np.ndarray]:
-        """Generates one uint8 video (frames, height, width, 3) per request, each at its own size.
-
-        Requests of any supported shapes are packed first-fit into shared rows (NaViT) and
-        denoised together in one sampler call (Euler, CFG), each with the timestep shift of
-        its own token count. Request i starts from noise drawn with ``[seed, i]``, and a
-        sample does not depend on which other requests share its call: attention never
-        crosses segments and every video is decoded on its own.
-
-        Raises:
-          StageError: a request's shape is impossible for the VAE and patch size.
-        """
-        from sora_jax.data.packing import pack, patchify, unpack, unpatchify
-        from sora_jax.diffusion.flow import time_shift_for_tokens
-        from sora_jax.diffusion.samplers import euler_sample
-
-        if not requests:
-            raise StageError("generate needs at least one request")
-        patch = tuple(self.cfg.dit.patch)
-        shapes = [self.latent_shape(r.frames, r.height, r.width) for r in requests]
-        max_text = self.cfg.text.max_length
-        # one prompt at a time: a batch's size changes the encoder's float rounding, and a
-        # sample must not depend on the other requests of its call
-        encoded = [self.text_encoder.encode([r.prompt], pad_to=max_text) for r in requests]
-        states = [e[0][0] for e in encoded]
-        masks = [e[1][0] for e in encoded]
-        examples, grids = [], []
-        for i, shape in enumerate(shapes):
-            noise = np.random.default_rng([seed, i]).standard_normal(shape).astype(np.float32)
-            tokens, positions = patchify(noise, patch)
-            examples.append(dict(tokens=tokens, positions=positions, text=states[i], text_mask=masks[i]))
-            grids.append((shape[0] // patch[0], shape[1] // patch[1], shape[2] // patch[2]))
-        longest = max(e["tokens"].shape[0] for e in examples)
-        length = max(self.cfg.dit_train.row_length, -(-longest // 64) * 64)
-        per_row = max(1, self.cfg.dit_train.text_length // max_text)
-        batch, placements, dropped = pack(examples, batch_size=len(examples), length=length,
-                                          text_length=per_row * max_text)
-        if dropped:
-            raise StageError(f"internal: {dropped} requests did not fit the sampler rows")
-        rows = max(pl.row for pl in placements) + 1  # first-fit fills rows in order
-        batch = {k: v[:rows] for k, v in batch.items()}
-        f = self.cfg.flow
-        shift = np.ones(batch["segment_ids"].shape, np.float32)
-        for pl in placements:
-            shift[pl.row, pl.start:pl.start + pl.n] = time_shift_for_tokens(
-                pl.n, f.base_tokens, f.max_shift)
-        out = euler_sample(
-            self.dit, noise=jnp.asarray(batch["tokens"]), segment_ids=jnp.asarray(batch["segment_ids"]),
-            positions=jnp.asarray(batch["positions"]), text=jnp.asarray(batch["text"]),
-            text_segment_ids=jnp.asarray(batch["text_segment_ids"]),
-            guidance_scale=jnp.asarray(guidance, jnp.float32), num_steps=int(steps),
-            shift=jnp.asarray(shift, jnp.float32),
-        )
-        tokens = unpack(np.asarray(out), placements)
-        videos = []
-        for tk, g, shape in zip(tokens, grids, shapes):
-            latent = unpatchify(tk, g, patch, shape[3])
-            videos.append(to_uint8(self.codec.decode(latent[None])[0]))
-        return videos
-
-
-class Request(NamedTuple):
-    """One generation request: a prompt and the pixel shape of its video (frames, H, W)."""
-
-    prompt: str
-    frames: int
-    height: int
-    width: int
-
-
-def write_samples(out_dir: str, prompts: list[str], videos: list[np.ndarray], info: dict[str, Any],
-                  fps: int = 8) -> list[dict[str, str]]:
-    """Writes ``sample_XX.mp4`` per video, ``contact_sheet.png`` and ``samples.json``."""
-    from sora_jax.io import write_contact_sheet, write_json, write_mp4
-
-    os.makedirs(out_dir, exist_ok=True)
-    samples = []
-    scale = max(1, 128 // max(videos[0].shape[1:3]))
-    for i, (prompt, video) in enumerate(zip(prompts, videos)):
-        path = os.path.join(out_dir, f"sample_{i:02d}.mp4")
-        write_mp4(path, video, fps=fps, scale=scale, metadata={"prompt": prompt, **{k: str(v) for k, v in info.items()}})
-        samples.append({"prompt": prompt, "path": path, "shape": list(video.shape[:3])})
-    write_contact_sheet(os.path.join(out_dir, "contact_sheet.png"), videos, labels=list(prompts),
-                        scale=max(1, scale // 2))
-    write_json(os.path.join(out_dir, "samples.json"), dict(info, samples=samples))
-    return samples
+# Re-exported: generation lives in sora_jax.generate; evaluate() and older callers import it here.
+from sora_jax.generate import Generator, Request, write_samples  # noqa: E402,F401
 
 
 def heldout_prompts(cfg: ml_collections.ConfigDict, workdir: str, limit: int) -> list[str]:
@@ -798,13 +703,77 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, generator: Generator 
     videos = []
     for i in tqdm(range(0, len(prompts), e.batch), desc="evaluate", disable=not progress):
         videos += gen(prompts[i : i + e.batch], frames=s.frames, height=s.height, width=s.width,
-                      seed=s.seed + i, guidance=s.cfg, steps=s.steps)
+                      seed=s.seed + i, guidance=s.cfg, steps=s.steps, solver=s.get("solver", "euler"))
     result = evaluate_samples(videos, prompts)
     out = paths(workdir)["eval"]
     info = {"checkpoint_step": gen.dit_step, "seed": s.seed, "cfg": s.cfg, "steps": s.steps}
     result["samples"] = write_samples(out, prompts[:8], videos[:8], info, fps=s.fps)
     write_json(os.path.join(out, "evaluate.json"), result)
     return result
+
+
+# The quickstart's image and video prompts on bundled real media: (mode, prompt, inputs, options).
+# Inputs name bundled sources: "video:<name>:<first frame>:<stride>" or "photo:<name>".
+DEMO_MODES = (
+    ("t2v", "the digit 3 moves left and the digit 7 moves up", (), {}),
+    ("t2i", "the digit 8", (), {}),
+    ("i2v", "a clip from bikes", ("photo:motorcycle_left",), {}),
+    ("extend-forward", "a clip from big buck bunny", ("video:bigbuckbunny:40:2",), {}),
+    ("extend-backward", "a clip from big buck bunny", ("video:bigbuckbunny:90:2",), {}),
+    ("connect", "a clip from bikes", ("video:bikes:0:2", "video:bigbuckbunny:20:2"), {}),
+    ("loop", "the digit 5 moves up", (), {}),
+    ("edit", "the digit 3 moves right", ("video:bikes:100:2",), {"strength": 0.6}),
+)
+
+
+def _demo_input(spec: str, frames: int) -> np.ndarray:
+    from data_pipelines import sources
+
+    kind, name, *rest = spec.split(":")
+    if kind == "photo":
+        return np.asarray(sources.load_photo(name))
+    start, stride = (int(v) for v in rest)
+    video = sources.load_video(name, max_frames=start + stride * frames)
+    return np.asarray(video[start::stride][:frames])
+
+
+def prompt_modes(cfg: ml_collections.ConfigDict, workdir: str, generator: Generator | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """One sample of every prompt mode (``DEMO_MODES``) on bundled real media, with provenance.
+
+    Writes ``<workdir>/modes/``: ``<mode>.mp4`` (``.png`` for t2i) with a ``.json`` sidecar each,
+    ``contact_sheet.png`` (one row per mode) and ``modes.json`` (each mode's measurements:
+    ``conditioned_frames_psnr``, ``loop_seam_ratio``, ``input_psnr``).
+    """
+    from sora_jax.generate import provenance_fields, write_sample
+    from sora_jax.io import write_contact_sheet, write_json
+    from sora_jax.modes import run_mode
+    from sora_jax.prompts import make_extender
+
+    gen = generator or Generator(cfg, workdir)
+    s = cfg.sample
+    extend = make_extender((cfg.get("prompt") or {}).get("extender", "caption_style"))
+    out = os.path.join(workdir, "modes")
+    solver, visual = s.get("solver", "euler"), s.get("visual_cfg", 1.0)
+    visual = None if visual == 1.0 else visual
+    results, videos, labels = {}, [], []
+    for mode, prompt, specs, opts in tqdm(DEMO_MODES, desc="modes", disable=not progress):
+        inputs = [_demo_input(spec, 2 * s.frames) for spec in specs]
+        ext = extend(prompt)
+        res = run_mode(gen, mode, ext, frames=s.frames, height=s.height, width=s.width, seed=s.seed,
+                       guidance=s.cfg, steps=s.steps, solver=solver, visual_guidance=visual,
+                       inputs=inputs, strength=opts.get("strength", s.get("strength", 0.6)))
+        fields = provenance_fields(gen, solver=solver, steps=s.steps, guidance=s.cfg,
+                                   visual_guidance=visual, inputs=[{"source": sp} for sp in specs])
+        results[mode] = write_sample(os.path.join(out, mode), res.video, prompt=prompt,
+                                     extended_prompt=ext, seed=s.seed, fields=fields, info=res.info,
+                                     fps=s.fps)
+        videos.append(res.video)
+        labels.append(f"{mode}: {ext}")
+    write_contact_sheet(os.path.join(out, "contact_sheet.png"), videos, labels=labels,
+                        max_frames=max(len(v) for v in videos), scale=max(1, 64 // max(s.height, s.width)))
+    write_json(os.path.join(out, "modes.json"), results)
+    return results
 
 
 def quickstart(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
@@ -827,6 +796,7 @@ def quickstart(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
     dit = timed("train_dit", train_dit, cfg, workdir, progress)
     gen = Generator(cfg, workdir)
     ev = timed("evaluate", evaluate, cfg, workdir, gen, progress)
+    modes = timed("modes", prompt_modes, cfg, workdir, gen, progress)
     ve = vae["eval"]
     metrics = {
         "vae_psnr_heldout_video": ve["video_psnr"],
@@ -843,6 +813,9 @@ def quickstart(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
         "direction_accuracy": ev["direction_accuracy"],
         "num_eval_samples": ev["num_samples"],
         "samples": ev["samples"],
+        "modes": {m: {k: v for k, v in r.items() if k in (
+            "conditioned_frames_psnr", "loop_seam_ratio", "clip_seam_ratio", "input_psnr", "strength",
+            "frames", "path")} for m, r in modes.items()},
         "stage_seconds": timings,
         "total_seconds": round(sum(timings.values()), 1),
         "config": cfg.name,

@@ -30,3 +30,15 @@ def _cheap_compiles():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> str:
+    """A run folder of configs/tiny.py trained end to end through the CLI (seconds of training),
+    shared by the tests that need real checkpoints (test_cli, test_modes)."""
+    from sora_jax.cli import run
+
+    wd = str(tmp_path_factory.mktemp("tiny_run"))
+    for cmd in ("prepare-data", "train-vae", "train-dit"):
+        assert run([cmd, "--config", "configs/tiny.py", "--no-progress", "--workdir", wd]) == 0, cmd
+    return wd

@@ -11,14 +11,6 @@ from sora_jax.cli import run
 TINY = ["--config", "configs/tiny.py", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    wd = str(tmp_path_factory.mktemp("tiny_run"))
-    for cmd in ("prepare-data", "train-vae", "train-dit"):
-        assert run([cmd, *TINY, "--workdir", wd]) == 0, cmd
-    return wd
-
-
 def test_generate_writes_video_sheet_and_json(trained_run, tmp_path, capsys):
     out = str(tmp_path / "gen")
     code = run(["generate", "--workdir", trained_run, "--prompt", "the digit 3 moves right",
@@ -57,8 +49,8 @@ def test_generate_packs_requests_of_different_shapes_into_one_call(trained_run, 
     calls = []
     import sora_jax.diffusion.samplers as samplers
 
-    real = samplers.euler_sample
-    monkeypatch.setattr(samplers, "euler_sample",
+    real = samplers.sample
+    monkeypatch.setattr(samplers, "sample",
                         lambda *a, **k: calls.append(k["segment_ids"].shape) or real(*a, **k))
     reqs = [Request("the digit 1 moves left", 5, 32, 32), Request("the digit 4 moves up", 1, 48, 32),
             Request("the digit 8 moves right", 9, 32, 48)]
@@ -134,8 +126,17 @@ def test_quickstart_writes_every_metric(trained_run, tmp_path, capsys):
     assert 0.0 <= metrics["digit_accuracy"] <= 1.0 and 0.0 <= metrics["direction_accuracy"] <= 1.0
     assert np.isfinite(metrics["vae_psnr_heldout_video"]) and np.isfinite(metrics["dit_heldout_loss"])
     assert all(os.path.isfile(s["path"]) for s in metrics["samples"])
-    assert set(metrics["stage_seconds"]) == {"prepare_data", "train_vae", "train_dit", "evaluate"}
+    assert set(metrics["stage_seconds"]) == {"prepare_data", "train_vae", "train_dit", "evaluate", "modes"}
     assert metrics["config"] == "tiny"  # the run's own config.json was reused
+    # one sample of every prompt mode on bundled real media, with its provenance sidecar
+    from sora_jax.modes import MODES
+
+    assert set(metrics["modes"]) == set(MODES)
+    for mode, m in metrics["modes"].items():
+        assert os.path.isfile(m["path"]) and os.path.isfile(os.path.splitext(m["path"])[0] + ".json")
+    assert metrics["modes"]["extend-forward"]["conditioned_frames_psnr"] >= 60.0
+    assert np.isfinite(metrics["modes"]["loop"]["loop_seam_ratio"])
+    assert os.path.isfile(os.path.join(wd, "modes", "contact_sheet.png"))
 
 
 def test_train_dit_without_data_is_a_clear_error(tmp_path, capsys):
@@ -178,7 +179,7 @@ def test_a_moved_run_folder_still_works(trained_run, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["resumed_from"] == 3
     assert run(["generate", "--workdir", moved, "--prompt", "the digit 7 moves up", "--frames", "1",
                 "--steps", "1", "--no-progress"]) == 0
-    assert os.path.isfile(os.path.join(moved, "samples", "sample_00.mp4"))
+    assert os.path.isfile(os.path.join(moved, "samples", "sample_00.png"))
 
 
 def test_train_vae_saves_statistics_in_its_checkpoint_and_evaluates(trained_run):

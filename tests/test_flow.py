@@ -12,7 +12,7 @@ from sora_jax.diffusion import samplers
 from sora_jax.diffusion.flow import (drop_captions, interpolate, rectified_flow_loss,
                                      sample_timesteps, segment_token_counts, shift_time,
                                      time_shift_for_tokens, velocity_target)
-from sora_jax.diffusion.samplers import euler_sample
+from sora_jax.diffusion.samplers import sample
 from sora_jax.models.dit import DiT
 
 TEXT_DIM = 16
@@ -164,7 +164,7 @@ point_mass_field.traces = 0
 
 def _sampler_inputs(b=2, l=5, d=3, seed=0):
     rng = np.random.default_rng(seed)
-    return dict(noise=rng.normal(size=(b, l, d)).astype(np.float32),
+    return dict(x=rng.normal(size=(b, l, d)).astype(np.float32),
                 segment_ids=np.ones((b, l), np.int32), positions=np.zeros((b, l, 3), np.int32),
                 text=np.zeros((b, 2, TEXT_DIM), np.float32),
                 text_segment_ids=np.ones((b, 2), np.int32))
@@ -175,17 +175,17 @@ def test_euler_lands_on_point_mass_with_guidance_without_retracing():
     before = point_mass_field.traces
     # Without guidance: lands exactly on A, for any step count and shift.
     for steps, shift in ((1, 1.0), (7, 3.0)):
-        x = euler_sample(point_mass_field, guidance_scale=None, num_steps=steps,
+        x = sample(point_mass_field, guidance_scale=None, num_steps=steps,
                          shift=jnp.float32(shift), **inp)
         np.testing.assert_allclose(x, A, atol=1e-5)
     # Guided field is the field of the point mass B + w (A - B): exact landing again.
     traces = point_mass_field.traces
     for w in (1.0, 0.0, 3.0, -0.5):
-        x = euler_sample(point_mass_field, guidance_scale=jnp.float32(w), num_steps=4, **inp)
+        x = sample(point_mass_field, guidance_scale=jnp.float32(w), num_steps=4, **inp)
         np.testing.assert_allclose(x, B_ + w * (A - B_), atol=1e-5)
     assert point_mass_field.traces == traces + 1  # new scales never retrace
     # Per-row scales.
-    x = euler_sample(point_mass_field, guidance_scale=jnp.array([1.0, 2.0]), num_steps=4, **inp)
+    x = sample(point_mass_field, guidance_scale=jnp.array([1.0, 2.0]), num_steps=4, **inp)
     np.testing.assert_allclose(x[0], A, atol=1e-5)
     np.testing.assert_allclose(x[1], B_ + 2.0 * (A - B_), atol=1e-5)
     assert point_mass_field.traces - before <= 4
@@ -193,15 +193,15 @@ def test_euler_lands_on_point_mass_with_guidance_without_retracing():
 
 def test_euler_frozen_tokens_keep_their_value():
     inp = _sampler_inputs()
-    fixed = -np.ones((2, 5), np.float32)
-    fixed[:, 0] = 0.0  # token 0 is a clean conditioning token at t = 0
+    cond = np.zeros((2, 5), bool)
+    cond[:, 0] = True  # token 0 is a clean conditioning token at t = 0
 
-    def field(xt, segment_ids, positions, t, text, text_segment_ids):
+    def field(xt, segment_ids, positions, t, text, text_segment_ids, cond_mask=None):
         return (xt - A) / jnp.maximum(t, 1e-3)[..., None]
 
-    x = np.asarray(euler_sample(field, guidance_scale=None, num_steps=3,
-                                timesteps_fixed=fixed, **inp))
-    np.testing.assert_array_equal(x[:, 0], inp["noise"][:, 0])
+    x = np.asarray(sample(field, guidance_scale=None, num_steps=3,
+                          cond_mask=cond, **inp))
+    np.testing.assert_array_equal(x[:, 0], inp["x"][:, 0])
     np.testing.assert_allclose(x[:, 1:], A, atol=1e-5)
 
 
@@ -218,9 +218,9 @@ def test_euler_with_dit_no_retrace_and_unit_guidance_is_conditional():
     inp["positions"] = np.stack([np.zeros(5), np.arange(5), np.zeros(5)], -1)[None].repeat(
         2, 0).astype(np.int32)
     n0 = samplers.TRACE_COUNT
-    x1 = euler_sample(model, guidance_scale=jnp.float32(1.0), num_steps=3, **inp)
-    x4 = euler_sample(model, guidance_scale=jnp.float32(4.0), num_steps=3, **inp)
+    x1 = sample(model, guidance_scale=jnp.float32(1.0), num_steps=3, **inp)
+    x4 = sample(model, guidance_scale=jnp.float32(4.0), num_steps=3, **inp)
     assert samplers.TRACE_COUNT == n0 + 1
-    xc = euler_sample(model, guidance_scale=None, num_steps=3, **inp)
+    xc = sample(model, guidance_scale=None, num_steps=3, **inp)
     np.testing.assert_allclose(x1, xc, rtol=1e-4, atol=1e-4)
     assert np.abs(np.asarray(x4) - np.asarray(xc)).max() > 1e-2

@@ -121,7 +121,8 @@ def rectified_flow_loss(model: Callable[..., jax.Array], batch: dict[str, jax.Ar
                         loss_weighting: str = "per_token", logit_mean: float = 0.0,
                         logit_std: float = 1.0, base_tokens: float = 256.0,
                         max_shift: float = 3.0, use_shift: bool = True,
-                        timesteps: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+                        timesteps: jax.Array | None = None,
+                        conditioning: dict[str, Any] | None = None) -> tuple[jax.Array, dict[str, Any]]:
     """Rectified-flow (flow-matching) MSE on a packed batch.
 
     noise ~ N(0, I) per token, t per segment from :func:`sample_timesteps`,
@@ -138,12 +139,17 @@ def rectified_flow_loss(model: Callable[..., jax.Array], batch: dict[str, jax.Ar
       loss_weighting: "per_token" (mean over real tokens: big examples weigh more) or
         "per_example" (mean per segment, then over segments: every example weighs the same).
       logit_mean, logit_std, base_tokens, max_shift, use_shift: see :func:`sample_timesteps`.
-      timesteps: optional (B, L) per-token times used instead of sampling (e.g. by
-        conditioning code that pins some tokens to t = 0; mask those out via loss_mask).
+      timesteps: optional (B, L) per-token times used instead of sampling.
+      conditioning: optional settings from
+        :func:`sora_jax.diffusion.conditioning.conditioning_settings`. When given, a context
+        pattern is drawn per example (:func:`~sora_jax.diffusion.conditioning.draw_condition_mask`):
+        context tokens keep their clean value x0 at t = 0, are flagged to the model with
+        ``cond_mask`` and weigh 0 in the loss; removed context tokens become padding.
 
     Returns:
       (loss scalar float32, aux) with aux ``loss``, ``num_tokens`` (weighted token count),
-      ``mean_t`` (mean t over weighted tokens).
+      ``mean_t`` (mean t over weighted tokens); with ``conditioning`` also ``cond_fraction``
+      (share of real tokens given as context).
 
     Raises:
       ValueError: unknown ``loss_weighting``.
@@ -154,19 +160,33 @@ def rectified_flow_loss(model: Callable[..., jax.Array], batch: dict[str, jax.Ar
     x0 = batch["tokens"].astype(jnp.float32)
     seg = batch["segment_ids"]
     k_t, k_noise, k_drop = jax.random.split(key, 3)
+    cond = None
+    if conditioning is not None:
+        from sora_jax.diffusion.conditioning import draw_condition_mask
+
+        real = seg != 0
+        cond, removed = draw_condition_mask(jax.random.fold_in(key, 3), seg, batch["positions"][..., 0], conditioning)
+        seg = jnp.where(removed, 0, seg)
     if timesteps is None:
         t = sample_timesteps(k_t, seg, logit_mean=logit_mean, logit_std=logit_std,
                              base_tokens=base_tokens, max_shift=max_shift, use_shift=use_shift)
     else:
         t = jnp.asarray(timesteps, jnp.float32)
+    if cond is not None:
+        t = jnp.where(cond, 0.0, t)  # interpolate() then gives the clean x0
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     x_t = interpolate(x0, noise, t)
     text_seg = batch["text_segment_ids"]
     if caption_dropout > 0:
         text_seg = drop_captions(k_drop, text_seg, caption_dropout, seg.shape[1])
-    pred = model(x_t, seg, batch["positions"], t, batch["text"], text_seg)
+    if cond is None:
+        pred = model(x_t, seg, batch["positions"], t, batch["text"], text_seg)
+    else:
+        pred = model(x_t, seg, batch["positions"], t, batch["text"], text_seg, cond_mask=cond)
     err = jnp.mean(jnp.square(pred.astype(jnp.float32) - velocity_target(x0, noise)), axis=-1)
     w = batch["loss_mask"].astype(jnp.float32) * (seg != 0)
+    if cond is not None:
+        w = w * ~cond  # context is given, not predicted
     num_tokens = jnp.sum(w)
     if loss_weighting == "per_token":
         loss = jnp.sum(w * err) / jnp.maximum(num_tokens, 1.0)
@@ -180,4 +200,6 @@ def rectified_flow_loss(model: Callable[..., jax.Array], batch: dict[str, jax.Ar
         loss = jnp.sum(jnp.where(valid, per_seg, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
     aux = {"loss": loss, "num_tokens": num_tokens,
            "mean_t": jnp.sum(w * t) / jnp.maximum(num_tokens, 1.0)}
+    if cond is not None:
+        aux["cond_fraction"] = jnp.sum(cond) / jnp.maximum(jnp.sum(real), 1)
     return loss, aux

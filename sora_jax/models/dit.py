@@ -227,6 +227,10 @@ class DiT(nnx.Module):
         self.rope_axes_dims, self.rope_theta = axes, rope_theta
         self.remat = remat
         self.x_embed = dense(in_dim, hidden_size, dtype=dtype, rngs=rngs)
+        # Added to the embedding of clean context tokens (sora_jax.diffusion.conditioning): t = 0
+        # alone would not tell a given frame from a fully denoised guess of the model's own.
+        self.cond_embed = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (hidden_size,), jnp.float32))
         self.t_embed = TimestepEmbedder(hidden_size, rngs=rngs, dtype=dtype)
         self.text_embed = MLP(text_dim, hidden_size, out_dim=hidden_size, rngs=rngs, dtype=dtype)
         self.pooled_text_embed = dense(text_dim, hidden_size, dtype=dtype, rngs=rngs)
@@ -255,7 +259,7 @@ class DiT(nnx.Module):
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
                  timesteps: jax.Array, text: jax.Array,
-                 text_segment_ids: jax.Array) -> jax.Array:
+                 text_segment_ids: jax.Array, cond_mask: jax.Array | None = None) -> jax.Array:
         """Predicts velocity.
 
         Args:
@@ -265,12 +269,16 @@ class DiT(nnx.Module):
           timesteps: (B, L) float32 per-token flow time in [0, 1].
           text: (B, Lt, text_dim) float32 text-encoder states.
           text_segment_ids: (B, Lt) int32 segment of each text token; 0 = padding / no text.
+          cond_mask: optional (B, L) bool, True on clean context tokens (image / video prompts,
+            :mod:`sora_jax.diffusion.conditioning`); they get a learned flag embedding.
 
         Returns:
           (B, L, in_dim) float32 velocity v = noise - x0. Padding tokens get finite values
           that carry no meaning.
         """
         x = self.x_embed(tokens)
+        if cond_mask is not None:
+            x = x + cond_mask[..., None].astype(x.dtype) * self.cond_embed[...].astype(x.dtype)
         c = self.t_embed(timesteps) + self.pooled_text_embed(
             segment_mean_text(text, segment_ids, text_segment_ids))
         ctx = self.text_embed(text)

@@ -315,14 +315,28 @@ def vae_optimizer_fn(loss_cfg: Mapping[str, Any] | ml_collections.ConfigDict | N
     return make
 
 
-def dit_loss_fn(flow_cfg: ml_collections.ConfigDict):
+def dit_loss_fn(flow_cfg: ml_collections.ConfigDict,
+                conditioning: Mapping[str, Any] | ml_collections.ConfigDict | None = None):
     """``(dit, packed batch, key, step) -> (loss, metrics)``: rectified-flow velocity MSE on real
     tokens (``step`` unused).
 
+    ``conditioning`` (the config section, see
+    ``sora_jax.diffusion.conditioning.conditioning_settings``) draws clean context frames per
+    example; None or rates that give only "none" train text-to-video alone.
+
     Metrics add the packing quality of the batch: ``padding_fraction`` (share of latent slots
     that are padding) and ``examples_per_row`` (segments per row; ids are 1..k in a row).
+
+    Raises:
+      ValueError: a bad ``conditioning`` section.
     """
+    from sora_jax.diffusion.conditioning import conditioning_settings, is_enabled
+
     kwargs = flow_cfg.to_dict()
+    if conditioning is not None:
+        settings = conditioning_settings(conditioning)
+        if is_enabled(settings):
+            kwargs["conditioning"] = settings
 
     def loss_fn(model: nnx.Module, batch, key: jax.Array, step: jax.Array | None = None):
         batch = dict(batch)

@@ -1,0 +1,259 @@
+"""Sampling from a trained run: prompts (and optional context latents) -> latents -> videos.
+
+:class:`Generator` holds a run's autoencoder, DiT and text encoder. Requests of any shapes are
+packed into shared rows (NaViT) and denoised in one sampler call; a request may carry clean
+context latent frames (image and video prompts, :mod:`sora_jax.diffusion.conditioning`) or an
+input latent to edit from a given strength (SDEdit). The prompt modes built on it (i2v,
+extension, connection, loops, editing) live in :mod:`sora_jax.modes`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sora_jax.io import to_uint8
+
+
+class Request(NamedTuple):
+    """One generation request.
+
+    prompt: text (already extended; see :mod:`sora_jax.prompts`).
+    frames, height, width: pixel shape of the video (frames = 1 + td k; 1 is an image).
+    context: optional (t, h, w, c) float32 normalised latent of the video's shape; its frames
+      where ``context_frames`` is True are given as clean context and kept unchanged.
+    context_frames: optional (t,) bool over latent frames.
+    init: optional (t, h, w, c) normalised latent to edit (SDEdit, Meng et al. 2022).
+    strength: SDEdit strength s in [0, 1] with ``init``: the sampler starts at u = s, from
+      (1 - t_s) init + t_s noise; 0 returns ``init``, 1 ignores it (plain generation).
+    """
+
+    prompt: str
+    frames: int
+    height: int
+    width: int
+    context: np.ndarray | None = None
+    context_frames: np.ndarray | None = None
+    init: np.ndarray | None = None
+    strength: float = 1.0
+
+
+class Generator:
+    """Video generation with the trained autoencoder, DiT and text encoder of a run folder.
+
+    Args:
+      cfg: the run's config.
+      workdir: the run folder (needs ``vae/`` and ``dit/`` checkpoints).
+
+    Raises:
+      StageError: a checkpoint is missing or does not match the config.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+        from sora_jax import stages
+
+        self.cfg = cfg
+        self.workdir = workdir
+        self.codec = stages.load_codec(cfg, workdir)
+        self.dit = stages.build_dit(cfg)
+        self.dit_step = stages._restore(self.dit, stages.paths(workdir)["dit"], "dit")
+        self.text_encoder = stages.text_encoder(cfg.text.max_length)
+
+    @property
+    def temporal_downsample(self) -> int:
+        return int(self.cfg.vae.temporal_downsample)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Latent (t, h, w, c) for a pixel request; StageError if the request is impossible."""
+        from sora_jax.stages import latent_shape
+
+        return latent_shape(self.cfg, frames, height, width)
+
+    def encode(self, video: np.ndarray) -> np.ndarray:
+        """(T, H, W, 3) uint8 or float [-1, 1] -> (t, h, w, c) float32 normalised latent."""
+        from sora_jax.io import to_float
+
+        return np.asarray(self.codec.encode(to_float(video)[None])[0], np.float32)
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        """(t, h, w, c) normalised latent -> (T, H, W, 3) uint8 video."""
+        return to_uint8(self.codec.decode(np.asarray(latent)[None])[0])
+
+    def __call__(self, prompts: list[str], *, frames: int, height: int, width: int, seed: int,
+                 guidance: float, steps: int, solver: str = "euler") -> list[np.ndarray]:
+        """Generates one uint8 video (frames, height, width, 3) per prompt (one shape for all)."""
+        return self.generate([Request(p, frames, height, width) for p in prompts], seed=seed,
+                             guidance=guidance, steps=steps, solver=solver)
+
+    def generate(self, requests: list[Request], *, seed: int, guidance: float | None, steps: int,
+                 solver: str = "euler", visual_guidance: float | None = None) -> list[np.ndarray]:
+        """One uint8 video (frames, height, width, 3) per request; see :meth:`sample_latents`."""
+        return [self.decode(z) for z in self.sample_latents(
+            requests, seed=seed, guidance=guidance, steps=steps, solver=solver,
+            visual_guidance=visual_guidance)]
+
+    def sample_latents(self, requests: list[Request], *, seed: int, guidance: float | None,
+                       steps: int, solver: str = "euler",
+                       visual_guidance: float | None = None) -> list[np.ndarray]:
+        """Samples one normalised latent (t, h, w, c) per request, each at its own size.
+
+        Requests are packed first-fit into shared rows and denoised together in one sampler
+        call (:func:`sora_jax.diffusion.samplers.sample`), each with the timestep shift of its
+        own token count. Request i starts from noise drawn with ``[seed, i]``, and a sample
+        does not depend on which other requests share its call (attention never crosses
+        segments).
+
+        Args:
+          requests: see :class:`Request`.
+          seed: noise seed.
+          guidance: text CFG scale (None: conditional prediction only).
+          steps: solver steps.
+          solver: "euler", "heun" or "dpmpp_2m".
+          visual_guidance: CFG scale on the context frames (None: none); used only when some
+            request has context.
+
+        Raises:
+          StageError: an impossible shape, a context / init latent of the wrong shape, a
+            strength outside [0, 1], or an unknown solver.
+        """
+        from sora_jax.data.packing import pack, patchify, unpack, unpatchify
+        from sora_jax.diffusion.conditioning import token_condition_mask
+        from sora_jax.diffusion.flow import shift_time, time_shift_for_tokens
+        from sora_jax.diffusion.samplers import SOLVERS, sample
+        from sora_jax.stages import StageError
+
+        if not requests:
+            raise StageError("generate needs at least one request")
+        if solver not in SOLVERS:
+            raise StageError(f"unknown solver {solver!r}; choose from {SOLVERS}")
+        if steps < 1:
+            raise StageError(f"steps must be >= 1, got {steps}")
+        patch = tuple(self.cfg.dit.patch)
+        shapes = [self.latent_shape(r.frames, r.height, r.width) for r in requests]
+        max_text = self.cfg.text.max_length
+        # one prompt at a time: a batch's size changes the encoder's float rounding, and a
+        # sample must not depend on the other requests of its call
+        encoded = [self.text_encoder.encode([r.prompt], pad_to=max_text) for r in requests]
+        f = self.cfg.flow
+        examples, grids, per_token = [], [], []
+        for i, (r, shape) in enumerate(zip(requests, shapes)):
+            noise = np.random.default_rng([seed, i]).standard_normal(shape).astype(np.float32)
+            n_tokens = int(np.prod([s // p for s, p in zip(shape[:3], patch)]))
+            shift = float(time_shift_for_tokens(n_tokens, f.base_tokens, f.max_shift))
+            x, start = noise, 1.0
+            if r.init is not None:
+                if not 0.0 <= r.strength <= 1.0:
+                    raise StageError(f"edit strength must be in [0, 1], got {r.strength}")
+                _check_latent(r.init, shape, "init")
+                if r.strength < 1.0:  # at 1 the start is pure noise, bit for bit as without init
+                    t0 = float(shift_time(r.strength, shift))
+                    x, start = (1.0 - t0) * r.init.astype(np.float32) + t0 * noise, float(r.strength)
+            tokens, positions = patchify(x, patch)
+            cond = np.zeros(tokens.shape[0], bool)
+            if r.context is not None:
+                _check_latent(r.context, shape, "context")
+                frames_mask = np.asarray(r.context_frames, bool)
+                if frames_mask.shape != (shape[0],):
+                    raise StageError(f"context_frames must have shape ({shape[0]},), got {frames_mask.shape}")
+                cond = token_condition_mask(frames_mask, positions, patch[0])
+                ctx_tokens, _ = patchify(r.context.astype(np.float32), patch)
+                tokens = np.where(cond[:, None], ctx_tokens, tokens)
+            s, m = encoded[i][0][0], encoded[i][1][0]
+            examples.append(dict(tokens=tokens, positions=positions, text=s, text_mask=m))
+            per_token.append((shift, cond, start))
+            grids.append((shape[0] // patch[0], shape[1] // patch[1], shape[2] // patch[2]))
+        longest = max(e["tokens"].shape[0] for e in examples)
+        length = max(self.cfg.dit_train.row_length, -(-longest // 64) * 64)
+        per_row = max(1, self.cfg.dit_train.text_length // max_text)
+        batch, placements, dropped = pack(examples, batch_size=len(examples), length=length,
+                                          text_length=per_row * max_text)
+        if dropped:
+            raise StageError(f"internal: {dropped} requests did not fit the sampler rows")
+        rows = max(pl.row for pl in placements) + 1  # first-fit fills rows in order
+        batch = {k: v[:rows] for k, v in batch.items()}
+        shift = np.ones(batch["segment_ids"].shape, np.float32)
+        start = np.ones(batch["segment_ids"].shape, np.float32)
+        cond_mask = np.zeros(batch["segment_ids"].shape, bool)
+        for pl, (sh, cond, u0) in zip(placements, per_token):
+            rows_cols = (pl.row, slice(pl.start, pl.start + pl.n))
+            shift[rows_cols], cond_mask[rows_cols], start[rows_cols] = sh, cond, u0
+        any_context = bool(cond_mask.any())
+        out = sample(
+            self.dit, x=jnp.asarray(batch["tokens"]), segment_ids=jnp.asarray(batch["segment_ids"]),
+            positions=jnp.asarray(batch["positions"]), text=jnp.asarray(batch["text"]),
+            text_segment_ids=jnp.asarray(batch["text_segment_ids"]), num_steps=int(steps),
+            solver=solver,
+            guidance_scale=None if guidance is None else jnp.asarray(guidance, jnp.float32),
+            visual_guidance_scale=(jnp.asarray(visual_guidance, jnp.float32)
+                                   if visual_guidance is not None and any_context else None),
+            shift=jnp.asarray(shift), cond_mask=jnp.asarray(cond_mask) if any_context else None,
+            start=jnp.asarray(start),
+        )
+        tokens = unpack(np.asarray(out), placements)
+        return [unpatchify(tk, g, patch, shape[3]) for tk, g, shape in zip(tokens, grids, shapes)]
+
+
+def _check_latent(z: np.ndarray, shape: tuple[int, ...], what: str):
+    from sora_jax.stages import StageError
+
+    if np.shape(z) != tuple(shape):
+        raise StageError(f"{what} latent has shape {np.shape(z)}, expected {tuple(shape)}")
+
+
+def provenance_fields(gen: Generator, *, solver: str, steps: int, guidance: float | None,
+                      visual_guidance: float | None, inputs: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """Provenance shared by every sample of one generation call (sampler settings, the model,
+    the SHA-256 of the DiT and VAE checkpoints; see :mod:`sora_jax.provenance`).
+
+    ``inputs``: ``[{"path", "sha256"}, ...]`` of the image / video files used as prompts, or
+    ``[{"source": name}]`` for bundled media.
+    """
+    from sora_jax.provenance import checkpoint_sha256
+    from sora_jax.stages import paths
+
+    run = paths(gen.workdir)
+    return {
+        "sampler": solver, "steps": int(steps), "guidance": guidance, "visual_guidance": visual_guidance,
+        "checkpoint_sha256": checkpoint_sha256(run["dit"]),
+        "vae_checkpoint_sha256": checkpoint_sha256(run["vae"]),
+        "checkpoint_step": gen.dit_step, "config_name": gen.cfg.name,
+        "model": {"dit": gen.cfg.dit.to_dict(), "vae": gen.cfg.vae.to_dict()},
+        "inputs": list(inputs or []),
+    }
+
+
+def write_sample(path_stem: str, video: np.ndarray, *, prompt: str, extended_prompt: str, seed: int,
+                 fields: dict[str, Any], info: dict[str, Any], fps: int = 8) -> dict[str, Any]:
+    """Writes one sample (``.mp4``, or ``.png`` for one frame) with its provenance embedded and a
+    sidecar ``.json``; returns the samples.json entry (paths, prompts, shape and ``info``)."""
+    from sora_jax.provenance import provenance_record, write_outputs
+
+    record = provenance_record(prompt=prompt, extended_prompt=extended_prompt, seed=int(seed),
+                               height=int(video.shape[1]), width=int(video.shape[2]),
+                               **fields, **info)
+    scale = max(1, 128 // max(video.shape[1:3]))
+    files = write_outputs(path_stem, video, record, fps=fps, scale=scale)
+    return {"prompt": prompt, "extended_prompt": extended_prompt, "path": files["media"],
+            "sidecar": files["sidecar"], "shape": list(video.shape[:3]), **info}
+
+
+def write_samples(out_dir: str, prompts: list[str], videos: list[np.ndarray], info: dict[str, Any],
+                  fps: int = 8) -> list[dict[str, str]]:
+    """Writes ``sample_XX.mp4`` per video, ``contact_sheet.png`` and ``samples.json``."""
+    from sora_jax.io import write_contact_sheet, write_json, write_mp4
+
+    os.makedirs(out_dir, exist_ok=True)
+    samples = []
+    scale = max(1, 128 // max(videos[0].shape[1:3]))
+    for i, (prompt, video) in enumerate(zip(prompts, videos)):
+        path = os.path.join(out_dir, f"sample_{i:02d}.mp4")
+        write_mp4(path, video, fps=fps, scale=scale, metadata={"prompt": prompt, **{k: str(v) for k, v in info.items()}})
+        samples.append({"prompt": prompt, "path": path, "shape": list(video.shape[:3])})
+    write_contact_sheet(os.path.join(out_dir, "contact_sheet.png"), videos, labels=list(prompts),
+                        scale=max(1, scale // 2))
+    write_json(os.path.join(out_dir, "samples.json"), dict(info, samples=samples))
+    return samples

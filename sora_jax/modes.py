@@ -1,0 +1,239 @@
+"""Image and video prompts: every mode is text plus clean context frames (or an input to edit).
+
+Each mode places the given pixels on a *canvas* of the output's length, encodes the canvas
+with the causal VAE, and gives the DiT as context every latent frame whose pixel frames are
+all given (:func:`sora_jax.diffusion.conditioning.context_latent_frames`); unknown canvas
+frames are filled with the nearest given frame, which only matters for the causal encoder's
+view of later given frames. Given frames that share a latent with generated ones are
+regenerated (the junction of extend-backward and connect: at most td - 1 frames).
+
+  t2v, t2i         no context (t2i: one frame)
+  i2v              the image is frame 0
+  extend-forward   the input's last 1 + td a frames start the output (a = n // 2 of the
+                   output's n latent groups); the causal decoder returns them exactly
+  extend-backward  the input's first td b frames end the output (b = max(1, n // 2))
+  connect          video A's last 1 + td a frames start it, video B's first td b frames
+                   end it (a = (n - 1) // 2, b = max(1, a)); the middle is generated
+  loop             t2v clip V, then connect(V -> V); the loop is V followed by the
+                   generated middle, whose last frame leads back into V's first
+  edit             SDEdit (Meng et al. 2022) of the input at strength s
+
+Metrics (in :class:`ModeResult.info`): ``conditioned_frames_psnr`` (dB, output vs the VAE
+round trip of the canvas, over the pixel frames of context latents, capped at 100),
+``loop_seam_ratio`` (mean |last - first| over the median of mean |frame_i+1 - frame_i|),
+``input_psnr`` for edit (output vs the input's VAE round trip).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image
+
+from sora_jax.diffusion.conditioning import context_latent_frames, latent_frame_spans
+from sora_jax.generate import Generator, Request
+
+MODES = ("t2v", "t2i", "i2v", "extend-forward", "extend-backward", "connect", "loop", "edit")
+NUM_INPUTS = {"t2v": 0, "t2i": 0, "i2v": 1, "extend-forward": 1, "extend-backward": 1,
+              "connect": 2, "loop": 0, "edit": 1}
+PSNR_CAP_DB = 100.0
+
+
+class ModeError(ValueError):
+    """A mode cannot run with the given inputs (wrong count, too short, too few frames)."""
+
+
+class ModeResult(NamedTuple):
+    """A generated video (T, H, W, 3) uint8 and what was measured about it."""
+
+    video: np.ndarray
+    info: dict[str, Any]
+
+
+def fit_media(media: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Scales frames to cover (height, width), keeping the aspect ratio, then centre-crops.
+
+    Args:
+      media: (T, H, W, 3) or (H, W, 3) uint8.
+
+    Returns:
+      (T, height, width, 3) uint8 (T = 1 for an image).
+    """
+    media = np.asarray(media)
+    if media.ndim == 3:
+        media = media[None]
+    if media.ndim != 4 or media.shape[-1] != 3 or media.dtype != np.uint8:
+        raise ModeError(f"expected uint8 (T, H, W, 3) media, got {media.dtype} {media.shape}")
+    _, h, w, _ = media.shape
+    s = max(height / h, width / w)
+    rh, rw = max(height, round(h * s)), max(width, round(w * s))
+    y0, x0 = (rh - height) // 2, (rw - width) // 2
+    out = []
+    for frame in media:
+        im = Image.fromarray(frame).resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        out.append(np.asarray(im)[y0:y0 + height, x0:x0 + width])
+    return np.stack(out)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 arrays (peak 255), capped at ``PSNR_CAP_DB``."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return PSNR_CAP_DB if mse <= 255.0 ** 2 * 10 ** (-PSNR_CAP_DB / 10) else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def loop_seam_ratio(video: np.ndarray) -> float:
+    """Seam difference over typical motion: mean |x_0 - x_{T-1}| / median_i mean |x_{i+1} - x_i|.
+
+    1 means the wrap from the last frame to the first is as large as a typical step; a
+    seamless loop has a ratio <= 1. Needs T >= 3.
+    """
+    v = np.asarray(video, np.float64)
+    steps = np.mean(np.abs(np.diff(v, axis=0)), axis=(1, 2, 3))
+    seam = np.mean(np.abs(v[0] - v[-1]))
+    return float(seam / max(np.median(steps), 1e-12))
+
+
+def _canvas(frames: int, given: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(F, H, W, 3) uint8 canvas with the given frames at their indices, others the nearest
+    given frame (earlier on ties), and the (F,) bool mask of given frames."""
+    idx = np.array(sorted(given))
+    known = np.zeros(frames, bool)
+    known[idx] = True
+    nearest = idx[np.argmin(np.abs(np.arange(frames)[:, None] - idx[None, :]), axis=1)]
+    return np.stack([given[int(i)] for i in nearest]), known
+
+
+class _Setup(NamedTuple):
+    request: Request
+    canvas_roundtrip: np.ndarray | None  # uint8 decode of the encoded canvas
+    context_pixels: np.ndarray  # (F,) bool: pixel frames inside context latents
+
+
+def _context_request(gen: Generator, prompt: str, frames: int, given: dict[int, np.ndarray]) -> _Setup:
+    canvas, known = _canvas(frames, given)
+    td = gen.temporal_downsample
+    ctx = context_latent_frames(known, td)
+    latent = gen.encode(canvas)
+    pixels = np.zeros(frames, bool)
+    for (a, b), c in zip(latent_frame_spans(len(ctx), td), ctx):
+        pixels[a:b] = c
+    h, w = canvas.shape[1:3]
+    return _Setup(Request(prompt, frames, h, w, context=latent, context_frames=ctx),
+                  gen.decode(latent), pixels)
+
+
+def _groups(frames: int, td: int) -> int:
+    if frames < 1 or (frames - 1) % td:
+        raise ModeError(f"{frames} frames: use 1 + {td}k")
+    return (frames - 1) // td
+
+
+def _usable(video: np.ndarray, need: int, what: str) -> None:
+    if len(video) < need:
+        raise ModeError(f"{what} has {len(video)} frames; this mode needs at least {need}")
+
+
+def setup_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: int, width: int,
+               inputs: Sequence[np.ndarray] = (), strength: float = 0.6) -> _Setup:
+    """The request of a mode (without running the sampler); see the module docstring.
+
+    Raises:
+      ModeError: unknown mode, wrong number of inputs, inputs too short for the output.
+    """
+    if mode not in MODES:
+        raise ModeError(f"unknown mode {mode!r}; choose from {MODES}")
+    if len(inputs) != NUM_INPUTS[mode]:
+        raise ModeError(f"mode {mode} takes {NUM_INPUTS[mode]} input file(s), got {len(inputs)}")
+    td = gen.temporal_downsample
+    if mode == "t2i":
+        frames = 1
+    n = _groups(frames, td)
+    media = [fit_media(m, height, width) for m in inputs]
+    none = np.zeros(frames, bool)
+    if mode in ("t2v", "t2i", "loop"):
+        return _Setup(Request(prompt, frames, height, width), None, none)
+    if mode == "edit":
+        video = media[0]
+        _usable(video, frames, "the input video")
+        latent = gen.encode(video[:frames])
+        return _Setup(Request(prompt, frames, height, width, init=latent, strength=float(strength)),
+                      gen.decode(latent), none)
+    if n < 1 and mode != "i2v":
+        raise ModeError(f"mode {mode} needs at least {1 + td} frames")
+    if mode == "i2v":
+        return _context_request(gen, prompt, frames, {0: media[0][0]})
+    if mode == "extend-forward":
+        video = media[0]
+        a = min(n // 2, (len(video) - 1) // td)
+        tail = video[len(video) - (1 + td * a):]
+        return _context_request(gen, prompt, frames, dict(enumerate(tail)))
+    if mode == "extend-backward":
+        video = media[0]
+        b = min(max(1, n // 2), len(video) // td)
+        _usable(video, td, "the input video")
+        head = video[:td * b]
+        return _context_request(gen, prompt, frames, {frames - td * b + i: f for i, f in enumerate(head)})
+    # connect
+    a, b = (n - 1) // 2, max(1, (n - 1) // 2)
+    if n - a - b < 1:
+        raise ModeError(f"connect needs at least {1 + 2 * td} frames to leave a gap to generate")
+    va, vb = media
+    _usable(va, 1 + td * a, "video A")
+    _usable(vb, td * b, "video B")
+    given = dict(enumerate(va[len(va) - (1 + td * a):]))
+    given.update({frames - td * b + i: f for i, f in enumerate(vb[:td * b])})
+    return _context_request(gen, prompt, frames, given)
+
+
+def run_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: int, width: int,
+             seed: int, guidance: float | None, steps: int, solver: str = "euler",
+             visual_guidance: float | None = None, inputs: Sequence[np.ndarray] = (),
+             strength: float = 0.6) -> ModeResult:
+    """Runs one mode end to end and measures it.
+
+    Args:
+      gen: a run's :class:`Generator`.
+      mode: one of :data:`MODES`.
+      prompt: text prompt (already extended).
+      frames, height, width: output shape (frames = 1 + td k; ignored for t2i: 1). loop's
+        output is longer: its clip plus the generated connection.
+      seed, guidance, steps, solver, visual_guidance: sampler settings
+        (:meth:`Generator.sample_latents`); loop's second pass uses ``seed + 1``.
+      inputs: uint8 media, (T, H, W, 3) videos or (H, W, 3) images, any size (scaled to
+        cover and centre-cropped): one for i2v / extend-* / edit, two (A, B) for connect.
+      strength: edit's SDEdit strength in [0, 1].
+
+    Returns:
+      :class:`ModeResult`; ``info`` holds ``mode``, ``frames``, and by mode
+      ``conditioned_frames`` (pixel frame indices given as context),
+      ``conditioned_frames_psnr``, ``loop_seam_ratio`` (and ``clip_seam_ratio`` of the clip
+      before connecting), ``strength`` and ``input_psnr``.
+
+    Raises:
+      ModeError: see :func:`setup_mode`. StageError: impossible shapes or settings.
+    """
+    kw = dict(seed=seed, guidance=guidance, steps=steps, solver=solver, visual_guidance=visual_guidance)
+    st = setup_mode(gen, mode, prompt, frames=frames, height=height, width=width, inputs=inputs,
+                    strength=strength)
+    video = gen.generate([st.request], **kw)[0]
+    info: dict[str, Any] = {"mode": mode, "frames": int(video.shape[0])}
+    if st.context_pixels.any():
+        sel = st.context_pixels
+        info["conditioned_frames"] = [int(i) for i in np.nonzero(sel)[0]]
+        info["conditioned_frames_psnr"] = psnr(video[sel], st.canvas_roundtrip[sel])
+    if mode == "edit":
+        info["strength"] = float(strength)
+        info["input_psnr"] = psnr(video, st.canvas_roundtrip)
+    if mode == "loop":
+        clip = video
+        link = setup_mode(gen, "connect", prompt, frames=st.request.frames, height=height,
+                          width=width, inputs=[clip, clip])
+        joined = gen.generate([link.request], **dict(kw, seed=seed + 1))[0]
+        middle = joined[~link.context_pixels]
+        video = np.concatenate([clip, middle])
+        info.update(frames=int(video.shape[0]), loop_seam_ratio=loop_seam_ratio(video),
+                    clip_seam_ratio=loop_seam_ratio(clip), clip_frames=int(clip.shape[0]),
+                    conditioned_frames_psnr=psnr(joined[link.context_pixels],
+                                                 link.canvas_roundtrip[link.context_pixels]))
+    return ModeResult(video, info)
