@@ -1,6 +1,6 @@
 """Autoencoder 4x8x8, 16 latent channels (the Wan / HunyuanVideo / CogVideoX shape): CPU recipe.
 
-Run (about an hour on a 2-core CPU, 64x64 crops)::
+Run (about 55 minutes on a 2-core CPU, 64x64 crops)::
 
   sora-jax prepare-data --config configs/vae_4x8x8_c16.py --workdir runs/vae_4x8x8_c16
   sora-jax train-vae    --config configs/vae_4x8x8_c16.py --workdir runs/vae_4x8x8_c16

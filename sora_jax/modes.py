@@ -18,10 +18,16 @@ regenerated (the junction of extend-backward and connect: at most td - 1 frames)
                    generated middle, whose last frame leads back into V's first
   edit             SDEdit (Meng et al. 2022) of the input at strength s
 
+The causal decoder decodes a given frame that follows generated ones from the generated
+history, which changes it; such frames are replaced by their VAE round trip (the output holds
+every given frame as the autoencoder reproduces it) and the cut is measured.
+
 Metrics (in :class:`ModeResult.info`): ``conditioned_frames_psnr`` (dB, output vs the VAE
 round trip of the canvas, over the pixel frames of context latents, capped at 100),
-``loop_seam_ratio`` (mean |last - first| over the median of mean |frame_i+1 - frame_i|),
-``input_psnr`` for edit (output vs the input's VAE round trip).
+``decoded_context_psnr`` (the same before the replacement), ``junction_ratio`` (mean |frame
+difference| across the cut over the median consecutive-frame difference), ``loop_seam_ratio``
+(mean |last - first| over the same median), ``input_psnr`` for edit (output vs the input's VAE
+round trip).
 """
 
 from __future__ import annotations
@@ -82,6 +88,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return PSNR_CAP_DB if mse <= 255.0 ** 2 * 10 ** (-PSNR_CAP_DB / 10) else 10 * np.log10(255.0 ** 2 / mse)
 
 
+def _median_step(video: np.ndarray) -> float:
+    v = np.asarray(video, np.float64)
+    return float(max(np.median(np.mean(np.abs(np.diff(v, axis=0)), axis=(1, 2, 3))), 1e-12))
+
+
 def loop_seam_ratio(video: np.ndarray) -> float:
     """Seam difference over typical motion: mean |x_0 - x_{T-1}| / median_i mean |x_{i+1} - x_i|.
 
@@ -89,9 +100,7 @@ def loop_seam_ratio(video: np.ndarray) -> float:
     seamless loop has a ratio <= 1. Needs T >= 3.
     """
     v = np.asarray(video, np.float64)
-    steps = np.mean(np.abs(np.diff(v, axis=0)), axis=(1, 2, 3))
-    seam = np.mean(np.abs(v[0] - v[-1]))
-    return float(seam / max(np.median(steps), 1e-12))
+    return float(np.mean(np.abs(v[0] - v[-1])) / _median_step(v))
 
 
 def _canvas(frames: int, given: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +195,33 @@ def setup_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: i
     return _context_request(gen, prompt, frames, given)
 
 
+def _generate(gen: Generator, st: _Setup, kw: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Samples a mode's request and puts the given frames in the output.
+
+    The causal decoder decodes a given frame that comes after generated frames from the
+    generated history, which changes it (``decoded_context_psnr`` measures by how much); such
+    frames are replaced by their VAE round trip, so the output holds every given frame as the
+    autoencoder reproduces the input, and ``junction_ratio`` measures the cut: the difference
+    across it over the median consecutive-frame difference (1 = a typical step).
+    """
+    video = gen.generate([st.request], **kw)[0]
+    info: dict[str, Any] = {}
+    sel = st.context_pixels
+    if sel.any():
+        rt = st.canvas_roundtrip
+        info["conditioned_frames"] = [int(i) for i in np.nonzero(sel)[0]]
+        info["decoded_context_psnr"] = psnr(video[sel], rt[sel])
+        after = sel & (np.cumsum(~sel) > 0)  # given frames that follow a generated one
+        if after.any():
+            video = video.copy()
+            video[after] = rt[after]
+            j = int(np.argmax(after))
+            cut = np.mean(np.abs(video[j].astype(np.float64) - video[j - 1]))
+            info["junction_ratio"] = float(cut / _median_step(video))
+        info["conditioned_frames_psnr"] = psnr(video[sel], rt[sel])
+    return video, info
+
+
 def run_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: int, width: int,
              seed: int, guidance: float | None, steps: int, solver: str = "euler",
              visual_guidance: float | None = None, inputs: Sequence[np.ndarray] = (),
@@ -206,9 +242,10 @@ def run_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: int
 
     Returns:
       :class:`ModeResult`; ``info`` holds ``mode``, ``frames``, and by mode
-      ``conditioned_frames`` (pixel frame indices given as context),
-      ``conditioned_frames_psnr``, ``loop_seam_ratio`` (and ``clip_seam_ratio`` of the clip
-      before connecting), ``strength`` and ``input_psnr``.
+      ``conditioned_frames`` (pixel frame indices given as context), ``conditioned_frames_psnr``,
+      ``decoded_context_psnr`` and ``junction_ratio`` (see :func:`_generate`; for loop, of its
+      connecting pass), ``loop_seam_ratio`` (and ``clip_seam_ratio`` of the clip before
+      connecting), ``strength`` and ``input_psnr``.
 
     Raises:
       ModeError: see :func:`setup_mode`. StageError: impossible shapes or settings.
@@ -216,12 +253,8 @@ def run_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: int
     kw = dict(seed=seed, guidance=guidance, steps=steps, solver=solver, visual_guidance=visual_guidance)
     st = setup_mode(gen, mode, prompt, frames=frames, height=height, width=width, inputs=inputs,
                     strength=strength)
-    video = gen.generate([st.request], **kw)[0]
-    info: dict[str, Any] = {"mode": mode, "frames": int(video.shape[0])}
-    if st.context_pixels.any():
-        sel = st.context_pixels
-        info["conditioned_frames"] = [int(i) for i in np.nonzero(sel)[0]]
-        info["conditioned_frames_psnr"] = psnr(video[sel], st.canvas_roundtrip[sel])
+    video, measured = _generate(gen, st, kw)
+    info: dict[str, Any] = {"mode": mode, "frames": int(video.shape[0]), **measured}
     if mode == "edit":
         info["strength"] = float(strength)
         info["input_psnr"] = psnr(video, st.canvas_roundtrip)
@@ -229,11 +262,9 @@ def run_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: int
         clip = video
         link = setup_mode(gen, "connect", prompt, frames=st.request.frames, height=height,
                           width=width, inputs=[clip, clip])
-        joined = gen.generate([link.request], **dict(kw, seed=seed + 1))[0]
-        middle = joined[~link.context_pixels]
-        video = np.concatenate([clip, middle])
+        joined, link_info = _generate(gen, link, dict(kw, seed=seed + 1))
+        video = np.concatenate([clip, joined[~link.context_pixels]])
         info.update(frames=int(video.shape[0]), loop_seam_ratio=loop_seam_ratio(video),
                     clip_seam_ratio=loop_seam_ratio(clip), clip_frames=int(clip.shape[0]),
-                    conditioned_frames_psnr=psnr(joined[link.context_pixels],
-                                                 link.canvas_roundtrip[link.context_pixels]))
+                    **link_info)
     return ModeResult(video, info)

@@ -814,8 +814,8 @@ def quickstart(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
         "num_eval_samples": ev["num_samples"],
         "samples": ev["samples"],
         "modes": {m: {k: v for k, v in r.items() if k in (
-            "conditioned_frames_psnr", "loop_seam_ratio", "clip_seam_ratio", "input_psnr", "strength",
-            "frames", "path")} for m, r in modes.items()},
+            "conditioned_frames_psnr", "decoded_context_psnr", "junction_ratio", "loop_seam_ratio",
+            "clip_seam_ratio", "input_psnr", "strength", "frames", "path")} for m, r in modes.items()},
         "stage_seconds": timings,
         "total_seconds": round(sum(timings.values()), 1),
         "config": cfg.name,
