@@ -62,6 +62,20 @@ class Generator:
         self.dit = stages.build_dit(cfg)
         self.dit_step = stages._restore(self.dit, stages.paths(workdir)["dit"], "dit")
         self.text_encoder = stages.text_encoder(cfg.text.max_length)
+        self._hashes: dict[str, str] | None = None
+
+    def checkpoint_hashes(self) -> dict[str, str]:
+        """``checkpoint_sha256`` (DiT) and ``vae_checkpoint_sha256`` of the run's latest
+        checkpoints (:func:`sora_jax.provenance.checkpoint_sha256`), hashed once per Generator:
+        every file of a checkpoint is read, optimizer state included."""
+        if self._hashes is None:
+            from sora_jax.provenance import checkpoint_sha256
+            from sora_jax.stages import paths
+
+            run = paths(self.workdir)
+            self._hashes = {"checkpoint_sha256": checkpoint_sha256(run["dit"]),
+                            "vae_checkpoint_sha256": checkpoint_sha256(run["vae"])}
+        return dict(self._hashes)
 
     @property
     def temporal_downsample(self) -> int:
@@ -212,14 +226,9 @@ def provenance_fields(gen: Generator, *, solver: str, steps: int, guidance: floa
     ``inputs``: ``[{"path", "sha256"}, ...]`` of the image / video files used as prompts, or
     ``[{"source": name}]`` for bundled media.
     """
-    from sora_jax.provenance import checkpoint_sha256
-    from sora_jax.stages import paths
-
-    run = paths(gen.workdir)
     return {
         "sampler": solver, "steps": int(steps), "guidance": guidance, "visual_guidance": visual_guidance,
-        "checkpoint_sha256": checkpoint_sha256(run["dit"]),
-        "vae_checkpoint_sha256": checkpoint_sha256(run["vae"]),
+        **gen.checkpoint_hashes(),
         "checkpoint_step": gen.dit_step, "config_name": gen.cfg.name,
         "model": {"dit": gen.cfg.dit.to_dict(), "vae": gen.cfg.vae.to_dict()},
         "inputs": list(inputs or []),

@@ -65,6 +65,9 @@ def fit_media(media: np.ndarray, height: int, width: int) -> np.ndarray:
 
     Returns:
       (T, height, width, 3) uint8 (T = 1 for an image).
+
+    Raises:
+      ModeError: media that is not uint8 (T, H, W, 3) or (H, W, 3).
     """
     media = np.asarray(media)
     if media.ndim == 3:
