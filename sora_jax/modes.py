@@ -14,8 +14,12 @@ regenerated (the junction of extend-backward and connect: at most td - 1 frames)
   extend-backward  the input's first td b frames end the output (b = max(1, n // 2))
   connect          video A's last 1 + td a frames start it, video B's first td b frames
                    end it (a = (n - 1) // 2, b = max(1, a)); the middle is generated
-  loop             t2v clip V, then connect(V -> V); the loop is V followed by the
-                   generated middle, whose last frame leads back into V's first
+  loop             t2v clip of latents [v0, v1..vn] (v0 codes frame 0 alone, each v_i a
+                   group of td frames); then m = max(1, n // 2) link latents g are
+                   generated with the whole clip as leading context and v1 (v1, v2 when
+                   n >= 2) as ending context, so they lead back into the clip; the loop is the period
+                   [v1..vn, g1..gm] decoded periodically (:func:`periodic_decode`):
+                   td (n + m) frames
   edit             SDEdit (Meng et al. 2022) of the input at strength s
 
 The causal decoder decodes a given frame that follows generated ones from the generated
@@ -27,12 +31,13 @@ round trip of the canvas, over the pixel frames of context latents, capped at 10
 ``decoded_context_psnr`` (the same before the replacement), ``junction_ratio`` (mean |frame
 difference| across the cut over the median consecutive-frame difference), ``loop_seam_ratio``
 (mean |last - first| over the same median), ``input_psnr`` for edit (output vs the input's VAE
-round trip).
+round trip), ``loop_period_psnr`` (the last decoded period vs the one before: how close the
+periodic decode came to its steady state).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -44,6 +49,7 @@ MODES = ("t2v", "t2i", "i2v", "extend-forward", "extend-backward", "connect", "l
 NUM_INPUTS = {"t2v": 0, "t2i": 0, "i2v": 1, "extend-forward": 1, "extend-backward": 1,
               "connect": 2, "loop": 0, "edit": 1}
 PSNR_CAP_DB = 100.0
+LOOP_DECODE_PERIODS = 6  # the quickstart decoder's period-to-period change shrinks ~3x a period
 
 
 class ModeError(ValueError):
@@ -51,10 +57,13 @@ class ModeError(ValueError):
 
 
 class ModeResult(NamedTuple):
-    """A generated video (T, H, W, 3) uint8 and what was measured about it."""
+    """A generated video (T, H, W, 3) uint8, what was measured about it, and the normalised
+    latent (t, h, w, c) it was decoded from (for loop: the clip's first latent, then the
+    period that :func:`periodic_decode` repeats)."""
 
     video: np.ndarray
     info: dict[str, Any]
+    latent: np.ndarray | None = None
 
 
 def fit_media(media: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -104,6 +113,40 @@ def loop_seam_ratio(video: np.ndarray) -> float:
     """
     v = np.asarray(video, np.float64)
     return float(np.mean(np.abs(v[0] - v[-1])) / _median_step(v))
+
+
+def periodic_decode(decode: Callable[[np.ndarray], np.ndarray], first: np.ndarray,
+                    period: np.ndarray, periods: int = LOOP_DECODE_PERIODS) -> tuple[np.ndarray, float]:
+    """Decodes a latent period as an endless loop: the steady state of a causal decoder.
+
+    A causal decoder's output at a frame depends on the latents before it, so a loop cut from
+    one ordinary decode has a seam: its first frame was decoded without the end before it
+    (and, for a causal VAE, frame 0 is coded alone). Decoding ``first`` followed by
+    ``periods`` copies of ``period`` and keeping the last copy gives frames decoded with the
+    loop's own end as their history; for a decoder whose memory fades, successive copies
+    converge, and the kept one wraps into itself as any other frame follows the one before.
+
+    Args:
+      decode: (t, h, w, c) normalised latent -> (T, H, W, 3) uint8 video, causal in time with
+        ``T = 1 + td (t - 1)`` (:meth:`sora_jax.generate.Generator.decode`).
+      first: (h, w, c) the latent that starts every causal sequence (frame 0, coded alone).
+      period: (P, h, w, c) the loop's latents, P >= 1.
+      periods: copies decoded, >= 2.
+
+    Returns:
+      (td P, H, W, 3) uint8 frames of the last copy, and the PSNR (dB, capped) between the
+      last two copies: 100 means the decode reached its steady state.
+
+    Raises:
+      ValueError: ``periods`` < 2 or an empty period.
+    """
+    if periods < 2 or len(period) < 1:
+        raise ValueError(f"periodic_decode needs periods >= 2 and a non-empty period, got "
+                         f"{periods} and {len(period)} latents")
+    video = decode(np.concatenate([np.asarray(first)[None]] + [np.asarray(period)] * periods))
+    n = (len(video) - 1) // periods  # pixel frames per period
+    last, before = video[len(video) - n:], video[len(video) - 2 * n:len(video) - n]
+    return last, psnr(last, before)
 
 
 def _canvas(frames: int, given: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +206,8 @@ def setup_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: i
     n = _groups(frames, td)
     media = [fit_media(m, height, width) for m in inputs]
     none = np.zeros(frames, bool)
+    if mode == "loop" and n < 1:
+        raise ModeError(f"mode loop needs at least {1 + td} frames")
     if mode in ("t2v", "t2i", "loop"):
         return _Setup(Request(prompt, frames, height, width), None, none)
     if mode == "edit":
@@ -198,7 +243,7 @@ def setup_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: i
     return _context_request(gen, prompt, frames, given)
 
 
-def _generate(gen: Generator, st: _Setup, kw: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+def _generate(gen: Generator, st: _Setup, kw: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
     """Samples a mode's request and puts the given frames in the output.
 
     The causal decoder decodes a given frame that comes after generated frames from the
@@ -207,7 +252,8 @@ def _generate(gen: Generator, st: _Setup, kw: dict[str, Any]) -> tuple[np.ndarra
     autoencoder reproduces the input, and ``junction_ratio`` measures the cut: the difference
     across it over the median consecutive-frame difference (1 = a typical step).
     """
-    video = gen.generate([st.request], **kw)[0]
+    latent = gen.sample_latents([st.request], **kw)[0]
+    video = gen.decode(latent)
     info: dict[str, Any] = {}
     sel = st.context_pixels
     if sel.any():
@@ -222,7 +268,7 @@ def _generate(gen: Generator, st: _Setup, kw: dict[str, Any]) -> tuple[np.ndarra
             cut = np.mean(np.abs(video[j].astype(np.float64) - video[j - 1]))
             info["junction_ratio"] = float(cut / _median_step(video))
         info["conditioned_frames_psnr"] = psnr(video[sel], rt[sel])
-    return video, info
+    return video, info, latent
 
 
 def run_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: int, width: int,
@@ -235,8 +281,8 @@ def run_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: int
       gen: a run's :class:`Generator`.
       mode: one of :data:`MODES`.
       prompt: text prompt (already extended).
-      frames, height, width: output shape (frames = 1 + td k; ignored for t2i: 1). loop's
-        output is longer: its clip plus the generated connection.
+      frames, height, width: output shape (frames = 1 + td k; ignored for t2i: 1). For loop,
+        the clip's shape; the loop itself has td (k + max(1, k // 2)) frames.
       seed, guidance, steps, solver, visual_guidance: sampler settings
         (:meth:`Generator.sample_latents`); loop's second pass uses ``seed + 1``.
       inputs: uint8 media, (T, H, W, 3) videos or (H, W, 3) images, any size (scaled to
@@ -246,9 +292,10 @@ def run_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: int
     Returns:
       :class:`ModeResult`; ``info`` holds ``mode``, ``frames``, and by mode
       ``conditioned_frames`` (pixel frame indices given as context), ``conditioned_frames_psnr``,
-      ``decoded_context_psnr`` and ``junction_ratio`` (see :func:`_generate`; for loop, of its
-      connecting pass), ``loop_seam_ratio`` (and ``clip_seam_ratio`` of the clip before
-      connecting), ``strength`` and ``input_psnr``.
+      ``decoded_context_psnr`` and ``junction_ratio`` (see :func:`_generate`), for loop
+      ``loop_seam_ratio``, ``loop_period_psnr`` (:func:`periodic_decode`), ``clip_frames``,
+      ``link_frames`` and ``clip_seam_ratio`` (the clip's own, decoded once), for edit
+      ``strength`` and ``input_psnr``.
 
     Raises:
       ModeError: see :func:`setup_mode`. StageError: impossible shapes or settings.
@@ -256,18 +303,32 @@ def run_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: int
     kw = dict(seed=seed, guidance=guidance, steps=steps, solver=solver, visual_guidance=visual_guidance)
     st = setup_mode(gen, mode, prompt, frames=frames, height=height, width=width, inputs=inputs,
                     strength=strength)
-    video, measured = _generate(gen, st, kw)
+    if mode == "loop":
+        return _loop(gen, st.request, kw)
+    video, measured, latent = _generate(gen, st, kw)
     info: dict[str, Any] = {"mode": mode, "frames": int(video.shape[0]), **measured}
     if mode == "edit":
         info["strength"] = float(strength)
         info["input_psnr"] = psnr(video, st.canvas_roundtrip)
-    if mode == "loop":
-        clip = video
-        link = setup_mode(gen, "connect", prompt, frames=st.request.frames, height=height,
-                          width=width, inputs=[clip, clip])
-        joined, link_info = _generate(gen, link, dict(kw, seed=seed + 1))
-        video = np.concatenate([clip, joined[~link.context_pixels]])
-        info.update(frames=int(video.shape[0]), loop_seam_ratio=loop_seam_ratio(video),
-                    clip_seam_ratio=loop_seam_ratio(clip), clip_frames=int(clip.shape[0]),
-                    **link_info)
-    return ModeResult(video, info)
+    return ModeResult(video, info, latent)
+
+
+def _loop(gen: Generator, clip_request: Request, kw: dict[str, Any]) -> ModeResult:
+    """The loop mode (module docstring): clip, generated link, periodic decode."""
+    clip = gen.sample_latents([clip_request], **kw)[0]
+    n = clip.shape[0] - 1
+    m = max(1, n // 2)
+    e = min(2, n)
+    link_ctx = np.concatenate([clip, np.zeros_like(clip[:m]), clip[1:1 + e]])
+    given = np.array([True] * (n + 1) + [False] * m + [True] * e)
+    r = clip_request
+    link_request = Request(r.prompt, 1 + gen.temporal_downsample * (n + m + e), r.height, r.width,
+                           context=link_ctx, context_frames=given)
+    link = gen.sample_latents([link_request], **dict(kw, seed=kw["seed"] + 1))[0]
+    period = np.concatenate([clip[1:], link[n + 1:n + 1 + m]])
+    video, period_psnr = periodic_decode(gen.decode, clip[0], period)
+    clip_video = gen.decode(clip)
+    info = {"mode": "loop", "frames": int(video.shape[0]), "clip_frames": int(clip_video.shape[0]),
+            "link_frames": int(gen.temporal_downsample * m), "loop_seam_ratio": loop_seam_ratio(video),
+            "clip_seam_ratio": loop_seam_ratio(clip_video), "loop_period_psnr": period_psnr}
+    return ModeResult(video, info, np.concatenate([clip[:1], period]))

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from sora_jax.cli import run
-from sora_jax.modes import ModeError, loop_seam_ratio, psnr, run_mode, setup_mode
+from sora_jax.generate import Request
+from sora_jax.modes import (LOOP_DECODE_PERIODS, ModeError, loop_seam_ratio, periodic_decode, psnr,
+                            run_mode, setup_mode)
 
 KW = dict(frames=9, height=32, width=32, seed=0, guidance=2.0, steps=2)
 PROMPT = "the digit 3 moves right"
@@ -92,16 +94,53 @@ def test_sdedit_endpoints(gen):
     assert not np.array_equal(mid.video, s0.video) and not np.array_equal(mid.video, t2v.video)
 
 
-def test_loop_is_the_clip_then_a_generated_link_back_to_its_start(gen):
+def test_loop_is_the_clip_and_a_generated_link_decoded_periodically(gen):
     res = run_mode(gen, "loop", PROMPT, **KW)
-    clip = run_mode(gen, "t2v", PROMPT, **KW).video
-    assert res.video.shape == (13, 32, 32, 3)
-    np.testing.assert_array_equal(res.video[:9], clip)
-    assert res.info["clip_frames"] == 9
+    # the clip's latents: 1 for frame 0, then n = 2 groups of 4 frames; the link adds m = 1
+    clip = gen.sample_latents([Request(PROMPT, 9, 32, 32)], seed=0, guidance=2.0, steps=2)[0]
+    first, period = res.latent[0], res.latent[1:]
+    np.testing.assert_array_equal(first, clip[0])
+    np.testing.assert_array_equal(period[:2], clip[1:])
+    assert period.shape[0] == 3 and not np.array_equal(period[2], clip[2])
+    assert res.video.shape == (12, 32, 32, 3)
+    assert res.info["clip_frames"] == 9 and res.info["link_frames"] == 4
     assert res.info["loop_seam_ratio"] == pytest.approx(loop_seam_ratio(res.video))
-    # the link was generated with the clip's first frames as its ending context
-    link = setup_mode(gen, "connect", PROMPT, frames=9, height=32, width=32, inputs=[clip, clip])
-    np.testing.assert_array_equal(link.context_pixels, [True, False, False, False, False] + [True] * 4)
+    # the output is the steady state: more periods before it change nothing that shows
+    longer, _ = periodic_decode(gen.decode, first, period, periods=LOOP_DECODE_PERIODS + 3)
+    assert psnr(res.video, longer) >= 40.0
+    assert res.info["loop_period_psnr"] >= 40.0
+
+
+def test_periodic_decode_reaches_the_steady_state_of_a_fading_decoder():
+    """A causal decoder with fading memory (frames repeat their latent td times, then an
+    exponential moving average y_t = a y_{t-1} + (1 - a) x_t): over a periodic input its
+    steady state is y_t = (1 - a) sum_{j<N} a^j x_{t-j} / (1 - a^N), N the period in frames."""
+    td, a = 4, 0.5
+    rng = np.random.default_rng(0)
+
+    def decode(z):
+        x = np.concatenate([z[:1]] + [np.repeat(zi[None], td, 0) for zi in z[1:]]).astype(np.float64)
+        y, out = x[0], []
+        for xt in x:
+            y = a * y + (1 - a) * xt
+            out.append(y)
+        return np.round(np.stack(out)).astype(np.uint8)
+
+    first = rng.integers(0, 256, (1, 1, 3)).astype(np.float32)
+    period = rng.integers(0, 256, (3, 1, 1, 3)).astype(np.float32)
+    video, period_psnr = periodic_decode(decode, first, period)
+    x = np.repeat(period, td, 0).astype(np.float64)  # one period of input frames, N = 12
+    n = len(x)
+    steady = np.stack([(1 - a) * sum(a ** j * x[(t - j) % n] for j in range(n)) / (1 - a ** n)
+                       for t in range(n)])
+    assert video.shape == (n, 1, 1, 3)
+    np.testing.assert_allclose(video, steady, atol=1.0)
+    assert period_psnr == 100.0  # the last two copies agree to the uint8 rounding
+    # one period alone is not enough to forget frame 0 and the start
+    short, short_psnr = periodic_decode(decode, first, period, periods=2)
+    assert short_psnr < 100.0
+    with pytest.raises(ValueError, match="periods >= 2"):
+        periodic_decode(decode, first, period, periods=1)
 
 
 def test_loop_seam_ratio_closed_form():
@@ -118,6 +157,8 @@ def test_mode_input_errors(gen):
         run_mode(gen, "edit", PROMPT, inputs=[_video(frames=5)], **KW)
     with pytest.raises(ModeError, match="unknown mode"):
         run_mode(gen, "zoom", PROMPT, **KW)
+    with pytest.raises(ModeError, match="loop needs at least 5 frames"):
+        run_mode(gen, "loop", PROMPT, **dict(KW, frames=1))
 
 
 def test_cli_modes_write_provenance(trained_run, tmp_path):
