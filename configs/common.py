@@ -20,6 +20,9 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
             log_every=10,
             checkpoint_every=500,
             max_to_keep=2,
+            # steps in a row with a non-finite loss or gradient (each skipped) before the run
+            # stops; 0 = never
+            nonfinite_limit=10,
         )
     )
     cfg.update(overrides)
@@ -45,3 +48,21 @@ def packing_section(**overrides) -> dict:
                max_examples_per_row=8, data="", real_clips=False)
     cfg.update(overrides)
     return cfg
+
+
+def mesh_section(**ici) -> ml_collections.ConfigDict:
+    """Device mesh and logical-axis rules (``sora_jax.parallel``).
+
+    ici / dcn: sizes of the mesh axes data, fsdp, context, tensor within a slice (or host)
+      and across slices (hosts); one -1 per group takes the devices left.
+    rules: (logical axis, mesh axes) pairs; a logical name without a rule is replicated.
+      The defaults: rows over data and fsdp, parameters' model width over fsdp, heads and
+      MLP width over tensor, tokens over context (MaxText's scheme).
+    """
+    from sora_jax.parallel.axes import DEFAULT_RULES
+
+    sizes = dict(data=-1, fsdp=1, context=1, tensor=1)
+    sizes.update(ici)
+    return ml_collections.ConfigDict(dict(
+        ici=sizes, dcn=dict(data=-1, fsdp=1, context=1, tensor=1),
+        rules=[[name, list(axes)] for name, axes in DEFAULT_RULES]))

@@ -11,7 +11,7 @@ DiT of width 128 and depth 4 over (1, 2, 2) latent patches. Step counts are set 
 
 import ml_collections
 
-from configs.common import packing_section, train_section
+from configs.common import mesh_section, packing_section, train_section
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -87,6 +87,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vae_inference = dict(chunk=0, tile=0, overlap=0)
 
     c.text = dict(max_length=16)  # text tokens per caption fed to cross-attention
+
+    # DiT training's device mesh (sora_jax.parallel): every device on "data" by default, so the
+    # same command runs on one CPU, on 8 simulated devices and on several processes; e.g.
+    # --config.mesh.ici.fsdp=-1 --config.mesh.ici.data=1 shards parameters instead.
+    c.mesh = mesh_section()
 
     c.dit = dict(
         patch=(1, 2, 2),

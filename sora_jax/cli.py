@@ -1,6 +1,7 @@
 """``sora-jax``: the command line.
 
-Subcommands: prepare-data, train-vae, evaluate-vae, train-dit, generate, evaluate, quickstart.
+Subcommands: prepare-data, train-vae, evaluate-vae, train-dit, generate, evaluate, quickstart,
+model-info.
 Every subcommand takes ``--config path/to/config.py[:arg]`` (default: the quickstart config),
 ``--workdir DIR`` and any number of ``--config.a.b=value`` overrides.
 
@@ -36,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--config", default=None, help="config file[:arg] (default: configs/quickstart.py)")
         s.add_argument("--workdir", default=None, help="run folder (default: runs/<config name>)")
         s.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        if name in _DISTRIBUTED_COMMANDS:  # multi-host: see sora_jax.parallel.distributed, launch/
+            s.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                           help="process 0's address (default: SORA_JAX_COORDINATOR, SLURM, TPU)")
+            s.add_argument("--num-processes", type=int, default=None, help="processes in the job")
+            s.add_argument("--process-id", type=int, default=None, help="this process, 0-based")
         return s
 
     add("prepare-data", "build the offline real-data datasets (ArrayRecord)")
@@ -73,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="output folder (default: <workdir>/samples)")
     add("evaluate", "prompt adherence (digit and direction accuracy) on held-out prompts")
     add("quickstart", "all stages end to end; writes quickstart_metrics.json")
+    mi = add("model-info", "the config's DiT: parameter count and FLOPs per token (no training, "
+                           "no weights in memory)")
+    mi.add_argument("--json", action="store_true", help="print JSON only (the default output too)")
+    mi.add_argument("--xla", action="store_true",
+                    help="cross-check FLOPs with XLA's cost analysis (compiles the forward pass)")
     for name, module in _DATA_TOOLS.items():  # listed for --help; run() hands them their argv
         sub.add_parser(name, help=f"see `sora-jax {name} --help` ({module})", add_help=False)
     return p
@@ -101,6 +112,9 @@ def _load(args, overrides):
     return cfg
 
 
+# subcommands that may run as one process of a multi-host job (jax.distributed)
+_DISTRIBUTED_COMMANDS = ("train-vae", "evaluate-vae", "train-dit", "generate", "evaluate", "quickstart")
+
 # subcommands that own their flags: the data tools under data_pipelines/
 _DATA_TOOLS = {"ingest": "data_pipelines.ingest", "encode": "data_pipelines.encode"}
 
@@ -127,11 +141,23 @@ def run(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command in _DISTRIBUTED_COMMANDS:  # before any JAX use
+        from sora_jax.parallel import distributed
+
+        try:
+            distributed.initialize(distributed.resolve(
+                {k: getattr(args, k) for k in ("coordinator_address", "num_processes", "process_id")}))
+        except ValueError as e:
+            print(f"sora-jax {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        if not distributed.is_main_process():  # one logger: process 0
+            logging.getLogger().setLevel(logging.WARNING)
 
     from sora_jax import stages
     from sora_jax.config import ConfigError
     from sora_jax.modes import ModeError
     from sora_jax.prompts import PromptRefused
+    from sora_jax.train.trainer import Preempted
 
     try:
         cfg = _load(args, overrides)
@@ -147,6 +173,10 @@ def run(argv: list[str] | None = None) -> int:
             out = stages.train_dit(cfg, wd, progress)
         elif args.command == "generate":
             out = _generate(cfg, args)
+        elif args.command == "model-info":
+            from sora_jax.model_info import model_info
+
+            out = model_info(cfg, xla=args.xla)
         elif args.command == "evaluate":
             out = stages.evaluate(cfg, wd, progress=progress)
             out = {k: out[k] for k in ("digit_accuracy", "direction_accuracy", "num_samples")}
@@ -156,6 +186,9 @@ def run(argv: list[str] | None = None) -> int:
     except PromptRefused as e:
         print(f"sora-jax {args.command}: refused: {e}", file=sys.stderr)
         return 3
+    except Preempted as e:  # SIGTERM: checkpoint saved; 128 + 15 as a killed process would
+        print(f"sora-jax {args.command}: {e}", file=sys.stderr)
+        return 143
     except (stages.StageError, ConfigError, ModeError, FileNotFoundError) as e:
         print(f"sora-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -634,7 +634,13 @@ def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     dit = build_dit(cfg)
     task = TrainTask("dit", dit, dit_loss_fn(cfg.flow, cfg.get("conditioning")), None,
                      meta={"config": config_lib.to_json(cfg)}, dataset=dataset)
-    summary = train(task, cfg.dit_train, paths(workdir)["dit"], progress=progress)
+    mesh, rules = None, None
+    if cfg.get("mesh") is not None:
+        from sora_jax.parallel.mesh import create_mesh
+
+        mesh, rules = create_mesh(cfg.mesh), [tuple(r) for r in cfg.mesh.rules]
+    summary = train(task, cfg.dit_train, paths(workdir)["dit"], progress=progress, mesh=mesh,
+                    rules=rules)
     if not str(cfg.dit_train.data).strip():
         summary["heldout_loss"] = dit_heldout_loss(cfg, workdir, dit)
     return summary

@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sora_jax.models.attention import dot_product_attention
+from sora_jax.parallel.context import attention as context_attention
+from sora_jax.parallel.axes import BATCH, EMBED, HEADS, IN_FEATURES, LENGTH, NORM
+from sora_jax.parallel.sharding import constrain, partitioned
 from sora_jax.models.layers import (MLP, AdaLNModulation, RMSNorm, TimestepEmbedder,
                                     apply_rope, default_rope_axes_dims, dense, layer_norm,
-                                    modulate, rope_cos_sin)
+                                    modulate, rope_cos_sin, sincos_3d)
 
 
 class SelfAttention(nnx.Module):
@@ -46,8 +48,8 @@ class SelfAttention(nnx.Module):
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.backend = backend
-        self.qkv = dense(hidden_size, 3 * hidden_size, dtype=dtype, rngs=rngs)
-        self.proj = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs)
+        self.qkv = dense(hidden_size, 3 * hidden_size, dtype=dtype, rngs=rngs, axes=(EMBED, HEADS))
+        self.proj = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs, axes=(HEADS, EMBED))
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
 
@@ -59,9 +61,10 @@ class SelfAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         # RoPE after the norm (as Flux / SD3.5): the norm would otherwise rescale the
         # rotated pairs and the rotation must act on what enters the dot product.
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = dot_product_attention(q, k, v, q_segment_ids=segment_ids,
-                                  kv_segment_ids=segment_ids, backend=self.backend)
+        if cos is not None:  # None: absolute sin-cos positions were added to the input instead
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = context_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                              gather_kv=True, backend=self.backend)
         return self.proj(o.reshape(b, l, -1))
 
 
@@ -82,13 +85,13 @@ class CrossAttention(nnx.Module):
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.backend = backend
-        self.q = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs)
-        self.kv = dense(hidden_size, 2 * hidden_size, dtype=dtype, rngs=rngs)
-        self.proj = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs)
+        self.q = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs, axes=(EMBED, HEADS))
+        self.kv = dense(hidden_size, 2 * hidden_size, dtype=dtype, rngs=rngs, axes=(EMBED, HEADS))
+        self.proj = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs, axes=(HEADS, EMBED))
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.null_token = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (hidden_size,), jnp.float32))
+            partitioned(nnx.initializers.normal(0.02), (NORM,))(rngs.params(), (hidden_size,), jnp.float32))
 
     def __call__(self, x, text, segment_ids, text_segment_ids):
         b, l, _ = x.shape
@@ -103,8 +106,8 @@ class CrossAttention(nnx.Module):
         kv_seg = jnp.concatenate(
             [jnp.zeros((b, 1), text_segment_ids.dtype), text_segment_ids], axis=1)
         always = jnp.zeros((b, lk), bool).at[:, 0].set(True)
-        o = dot_product_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
-                                  kv_always_visible=always, backend=self.backend)
+        o = context_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
+                              kv_always_visible=always, gather_kv=False, backend=self.backend)
         return self.proj(o.reshape(b, l, -1))
 
 
@@ -120,24 +123,34 @@ class DiTBlock(nnx.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, mlp_ratio: float = 4.0,
-                 qk_norm: bool = True, backend: str = "xla", rngs: nnx.Rngs, dtype=None):
+                 qk_norm: bool = True, cross_attention: bool = True, backend: str = "xla",
+                 rngs: nnx.Rngs, dtype=None):
         self.norm1 = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
         self.attn = SelfAttention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend,
                                   rngs=rngs, dtype=dtype)
-        self.norm_cross = layer_norm(hidden_size, affine=True, rngs=rngs, dtype=dtype)
-        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm,
-                                         backend=backend, rngs=rngs, dtype=dtype)
+        if cross_attention:  # off in the class-conditional DiT of Peebles & Xie
+            self.norm_cross = layer_norm(hidden_size, affine=True, rngs=rngs, dtype=dtype)
+            self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm,
+                                             backend=backend, rngs=rngs, dtype=dtype)
+        else:
+            self.norm_cross = self.cross_attn = None
         self.norm2 = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
-        self.mlp = MLP(hidden_size, int(hidden_size * mlp_ratio), rngs=rngs, dtype=dtype)
+        self.mlp = MLP(hidden_size, mlp_width(hidden_size, mlp_ratio), rngs=rngs, dtype=dtype)
         self.adaln = AdaLNModulation(hidden_size, hidden_size, 6, rngs=rngs, dtype=dtype)
 
     def __call__(self, x, c, cos, sin, segment_ids, text, text_segment_ids):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin,
                                   segment_ids)
-        x = x + self.cross_attn(self.norm_cross(x), text, segment_ids, text_segment_ids)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), text, segment_ids, text_segment_ids)
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
+
+
+def mlp_width(hidden_size: int, mlp_ratio: float) -> int:
+    """MLP hidden width: round(hidden * ratio), so ratios such as Wan's 8960 / 1536 are exact."""
+    return int(round(hidden_size * mlp_ratio))
 
 
 def _apply_block(block: DiTBlock, *args):
@@ -152,7 +165,8 @@ class FinalLayer(nnx.Module):
     def __init__(self, hidden_size: int, out_dim: int, *, rngs: nnx.Rngs, dtype=None):
         self.norm = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
         self.adaln = AdaLNModulation(hidden_size, hidden_size, 2, rngs=rngs, dtype=dtype)
-        self.linear = dense(hidden_size, out_dim, zero=True, dtype=dtype, rngs=rngs)
+        self.linear = dense(hidden_size, out_dim, zero=True, dtype=dtype, rngs=rngs,
+                            axes=(EMBED, IN_FEATURES))
 
     def __call__(self, x, c):
         shift, scale = self.adaln(c)
@@ -197,6 +211,12 @@ class DiT(nnx.Module):
         activation memory, about one extra forward of compute.
       dtype: compute dtype of the linears (None: float32 here); params are float32 and
         the output is always cast to float32.
+      num_classes: 0 (default): text-conditioned. > 0: the class-conditional DiT of Peebles &
+        Xie 2023 (scaling-law sweeps, the DiT-S/B/L/XL table): a label embedding of
+        ``num_classes + 1`` rows (the last is the CFG null class) added to the timestep
+        embedding, and no cross-attention or text projections.
+      pos_embed: "rope" (3D RoPE in every self-attention) or "sincos" (fixed 3D sin-cos
+        positions added to the patch embedding, as the DiT paper's 2D ones).
       rngs: NNX random streams.
 
     Text conditioning: text states are mapped to model width by an MLP (PixArt-alpha's
@@ -214,7 +234,11 @@ class DiT(nnx.Module):
                  mlp_ratio: float = 4.0, text_dim: int = 384, qk_norm: bool = True,
                  rope_axes_dims: Sequence[int] | None = None, rope_theta: float = 10000.0,
                  attention_backend: str = "xla", remat: bool = False, dtype=None,
-                 rngs: nnx.Rngs):
+                 num_classes: int = 0, pos_embed: str = "rope", rngs: nnx.Rngs):
+        if pos_embed not in ("rope", "sincos"):
+            raise ValueError(f"pos_embed must be 'rope' or 'sincos', got {pos_embed!r}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} not divisible by num_heads {num_heads}")
         head_dim = hidden_size // num_heads
@@ -226,17 +250,28 @@ class DiT(nnx.Module):
         self.num_heads, self.text_dim = num_heads, text_dim
         self.rope_axes_dims, self.rope_theta = axes, rope_theta
         self.remat = remat
-        self.x_embed = dense(in_dim, hidden_size, dtype=dtype, rngs=rngs)
+        self.num_classes, self.pos_embed = num_classes, pos_embed
+        self.x_embed = dense(in_dim, hidden_size, dtype=dtype, rngs=rngs, axes=(IN_FEATURES, EMBED))
         # Added to the embedding of clean context tokens (sora_jax.diffusion.conditioning): t = 0
         # alone would not tell a given frame from a fully denoised guess of the model's own.
         self.cond_embed = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (hidden_size,), jnp.float32))
+            partitioned(nnx.initializers.normal(0.02), (NORM,))(rngs.params(), (hidden_size,), jnp.float32))
         self.t_embed = TimestepEmbedder(hidden_size, rngs=rngs, dtype=dtype)
-        self.text_embed = MLP(text_dim, hidden_size, out_dim=hidden_size, rngs=rngs, dtype=dtype)
-        self.pooled_text_embed = dense(text_dim, hidden_size, dtype=dtype, rngs=rngs)
+        if num_classes:
+            self.label_embed = nnx.Embed(
+                num_classes + 1, hidden_size, rngs=rngs,
+                embedding_init=partitioned(nnx.initializers.normal(0.02), (None, EMBED)))
+            self.text_embed = self.pooled_text_embed = None
+        else:
+            self.label_embed = None
+            self.text_embed = MLP(text_dim, hidden_size, out_dim=hidden_size, rngs=rngs,
+                                  dtype=dtype, in_axis=IN_FEATURES)
+            self.pooled_text_embed = dense(text_dim, hidden_size, dtype=dtype, rngs=rngs,
+                                           axes=(IN_FEATURES, EMBED))
         self.blocks = nnx.List([
             DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm,
-                     backend=attention_backend, rngs=rngs, dtype=dtype)
+                     cross_attention=not num_classes, backend=attention_backend, rngs=rngs,
+                     dtype=dtype)
             for _ in range(depth)])
         self.final = FinalLayer(hidden_size, in_dim, rngs=rngs, dtype=dtype)
 
@@ -245,7 +280,7 @@ class DiT(nnx.Module):
         """Builds a DiT from a ConfigDict (or any mapping-like object).
 
         Required fields: hidden_size, depth, num_heads. Optional: mlp_ratio, qk_norm,
-        text_dim, attention_backend, rope_axes_dims, rope_theta, remat.
+        text_dim, attention_backend, rope_axes_dims, rope_theta, remat, num_classes, pos_embed.
         """
         get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
         rope_axes = get("rope_axes_dims", None)
@@ -255,11 +290,13 @@ class DiT(nnx.Module):
                    rope_axes_dims=tuple(rope_axes) if rope_axes else None,
                    rope_theta=get("rope_theta", 10000.0),
                    attention_backend=get("attention_backend", "xla"),
-                   remat=get("remat", False), rngs=rngs)
+                   remat=get("remat", False), num_classes=get("num_classes", 0),
+                   pos_embed=get("pos_embed", "rope"), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                 timesteps: jax.Array, text: jax.Array,
-                 text_segment_ids: jax.Array, cond_mask: jax.Array | None = None) -> jax.Array:
+                 timesteps: jax.Array, text: jax.Array | None = None,
+                 text_segment_ids: jax.Array | None = None, cond_mask: jax.Array | None = None,
+                 labels: jax.Array | None = None) -> jax.Array:
         """Predicts velocity.
 
         Args:
@@ -271,6 +308,12 @@ class DiT(nnx.Module):
           text_segment_ids: (B, Lt) int32 segment of each text token; 0 = padding / no text.
           cond_mask: optional (B, L) bool, True on clean context tokens (image / video prompts,
             :mod:`sora_jax.diffusion.conditioning`); they get a learned flag embedding.
+          labels: (B, L) int32 class of each token's example, ``num_classes`` = null class;
+            class-conditional models only (which take no text).
+
+        Raises:
+          ValueError: text missing for a text-conditioned model, or labels for a
+            class-conditional one.
 
         Returns:
           (B, L, in_dim) float32 velocity v = noise - x0. Padding tokens get finite values
@@ -279,13 +322,32 @@ class DiT(nnx.Module):
         x = self.x_embed(tokens)
         if cond_mask is not None:
             x = x + cond_mask[..., None].astype(x.dtype) * self.cond_embed[...].astype(x.dtype)
-        c = self.t_embed(timesteps) + self.pooled_text_embed(
-            segment_mean_text(text, segment_ids, text_segment_ids))
-        ctx = self.text_embed(text)
-        cos, sin = rope_cos_sin(positions, self.rope_axes_dims, self.rope_theta)
+        c = self.t_embed(timesteps)
+        ctx = None
+        if self.num_classes:
+            if labels is None:
+                raise ValueError("a class-conditional DiT needs labels")
+            c = c + self.label_embed(labels)
+        else:
+            if text is None or text_segment_ids is None:
+                raise ValueError("a text-conditioned DiT needs text and text_segment_ids")
+            c = c + self.pooled_text_embed(segment_mean_text(text, segment_ids, text_segment_ids))
+            ctx = self.text_embed(text)
+        # Block-boundary layouts (no-ops outside sora_jax.parallel.sharding.activate): rows over
+        # the batch axes, tokens over context, features whole; text is small and whole per row.
+        token_axes = (BATCH, LENGTH, None)
+        x, c = constrain(x, token_axes), constrain(c, token_axes)
+        if ctx is not None:
+            ctx = constrain(ctx, (BATCH, None, None))
+        if self.pos_embed == "sincos":
+            x = x + sincos_3d(positions, self.hidden_size).astype(x.dtype)
+            cos = sin = None
+        else:
+            cos, sin = rope_cos_sin(positions, self.rope_axes_dims, self.rope_theta)
         for block in self.blocks:
             args = (x, c, cos, sin, segment_ids, ctx, text_segment_ids)
             x = nnx.remat(_apply_block)(block, *args) if self.remat else block(*args)
+            x = constrain(x, token_axes)
         return self.final(x, c).astype(jnp.float32)
 
 
@@ -294,8 +356,33 @@ def dit_param_count(model: nnx.Module) -> int:
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
+def dit_param_count_analytic(*, in_dim: int, hidden_size: int, depth: int, num_heads: int,
+                             mlp_ratio: float = 4.0, text_dim: int = 384, qk_norm: bool = True,
+                             num_classes: int = 0, **_unused) -> int:
+    """Parameters of :class:`DiT` in closed form (equals :func:`dit_param_count` exactly).
+
+    Per block: self-attention qkv + out (4h^2 + 4h), MLP (2hm + m + h), adaLN-Zero
+    (6h^2 + 6h), QK-norm scales (2 h/heads), and for text models cross-attention (4h^2 + 4h,
+    a null token h, a LayerNorm 2h, QK-norm 2 h/heads). Outside: patch embedding, context
+    flag h, timestep MLP (256h + h^2 + 2h), final adaLN (2h^2 + 2h) and linear, plus the text
+    projections (text models) or the (num_classes + 1) x h label table (class models).
+    """
+    h, m, hd = hidden_size, mlp_width(hidden_size, mlp_ratio), hidden_size // num_heads
+    norm = 2 * hd if qk_norm else 0
+    block = 4 * h * h + 4 * h + 2 * h * m + m + h + 6 * h * h + 6 * h + norm
+    if not num_classes:
+        block += 4 * h * h + 4 * h + h + 2 * h + norm
+    outer = in_dim * h + h + h + (256 * h + h + h * h + h) + (2 * h * h + 2 * h) + (h * in_dim + in_dim)
+    if num_classes:
+        outer += (num_classes + 1) * h
+    else:
+        outer += (text_dim * h + h + h * h + h) + (text_dim * h + h)
+    return int(depth * block + outer)
+
+
 def dit_flops_per_token(*, in_dim: int, hidden_size: int, depth: int, mlp_ratio: float = 4.0,
-                        text_dim: int = 384, seq_len: int, text_len: int) -> float:
+                        text_dim: int = 384, seq_len: int, text_len: int,
+                        cross_attention: bool = True) -> float:
     """Analytic forward FLOPs per latent token (2 per multiply-add; matmuls only).
 
     Counts the patch / timestep / pooled-text embeddings, per block the qkv, self-attention
@@ -303,15 +390,18 @@ def dit_flops_per_token(*, in_dim: int, hidden_size: int, depth: int, mlp_ratio:
     only attend within their segment but are computed dense by the xla backend), output
     projection, cross-attention q / out (per token) and its k/v + text MLP over
     ``text_len`` tokens amortised over ``seq_len``, the MLP and adaLN, and the final layer.
-    Training costs about 3x this (forward + backward), 4x with remat.
+    ``cross_attention=False`` (class-conditional models) drops the text terms. Training
+    costs about 3x this (forward + backward), 4x with remat.
     """
-    h, m = hidden_size, int(hidden_size * mlp_ratio)
+    h, m = hidden_size, mlp_width(hidden_size, mlp_ratio)
     per_block = (2 * h * 3 * h + 2 * 2 * seq_len * h + 2 * h * h  # self-attention
-                 + 2 * h * h + 2 * 2 * (text_len + 1) * h + 2 * h * h  # cross q, scores, out
                  + 2 * 2 * h * m  # MLP
                  + 2 * h * 6 * h)  # adaLN
-    per_block += 2 * (text_len + 1) * h * 2 * h / seq_len  # cross k/v, amortised
-    embed = 2 * in_dim * h + 2 * (256 * h + h * h) + 2 * text_dim * h
-    embed += (2 * text_dim * h + 2 * h * h) * text_len / seq_len  # text MLP, amortised
+    embed = 2 * in_dim * h + 2 * (256 * h + h * h)
+    if cross_attention:
+        per_block += 2 * h * h + 2 * 2 * (text_len + 1) * h + 2 * h * h  # cross q, scores, out
+        per_block += 2 * (text_len + 1) * h * 2 * h / seq_len  # cross k/v, amortised
+        embed += 2 * text_dim * h
+        embed += (2 * text_dim * h + 2 * h * h) * text_len / seq_len  # text MLP, amortised
     final = 2 * h * 2 * h + 2 * h * in_dim
     return float(embed + depth * per_block + final)

@@ -23,6 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sora_jax.parallel.axes import EMBED, IN_FEATURES, MLP as MLP_AXIS, NORM
+from sora_jax.parallel.sharding import partitioned
+
 # DiT initialises every linear with xavier-uniform and zero biases (Peebles & Xie 2023,
 # official code `initialize_weights`), then overrides the modulation and output layers
 # with zeros; keeping the default here means a layer only states its exceptions.
@@ -31,7 +34,8 @@ zeros_init = nnx.initializers.zeros_init()
 
 
 def dense(in_features: int, out_features: int, *, rngs: nnx.Rngs, zero: bool = False,
-          kernel_init=None, use_bias: bool = True, dtype=None) -> nnx.Linear:
+          kernel_init=None, use_bias: bool = True, dtype=None,
+          axes: tuple[str | None, str | None] = (None, None)) -> nnx.Linear:
     """A `nnx.Linear` with the DiT initialisation (xavier-uniform kernel, zero bias).
 
     Args:
@@ -41,13 +45,16 @@ def dense(in_features: int, out_features: int, *, rngs: nnx.Rngs, zero: bool = F
       kernel_init: overrides the kernel initialiser (ignored when ``zero``).
       use_bias: whether the layer has a bias.
       dtype: compute dtype (None = inferred from inputs and params, float32 here).
+      axes: logical names of the kernel's (in, out) dimensions
+        (:mod:`sora_jax.parallel.axes`); the bias takes the out name.
     """
     if zero:
         kinit = zeros_init
     else:
         kinit = kernel_init if kernel_init is not None else xavier_uniform
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=kinit,
-                      bias_init=zeros_init, dtype=dtype, rngs=rngs)
+    return nnx.Linear(in_features, out_features, use_bias=use_bias,
+                      kernel_init=partitioned(kinit, axes),
+                      bias_init=partitioned(zeros_init, (axes[1],)), dtype=dtype, rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -66,7 +73,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs | None = None):
         del rngs
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(NORM,), eager_sharding=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -149,6 +156,35 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def sincos_3d(positions: jax.Array, dim: int, *, max_period: float = 10000.0) -> jax.Array:
+    """Fixed sin-cos position embedding of (t, h, w) grid coordinates.
+
+    The DiT paper's 2D embedding (Peebles & Xie 2023, after MAE / ViT; Vaswani et al. 2017
+    eq. "PE") extended by a time axis: ``dim`` is split into (t, h, w) parts of 2 * (dim // 6),
+    2 * (dim // 6) and the rest, each [sin(p f), cos(p f)] over its own geometric frequencies.
+
+    Args:
+      positions: (..., 3) integer coordinates.
+      dim: embedding width (even, >= 6).
+
+    Returns:
+      float32 (..., dim).
+
+    Raises:
+      ValueError: odd ``dim`` or ``dim`` < 6.
+    """
+    if dim % 2 or dim < 6:
+        raise ValueError(f"sincos_3d needs an even dim >= 6, got {dim}")
+    dt = 2 * (dim // 6)
+    parts = []
+    for a, d in enumerate((dt, dt, dim - 2 * dt)):
+        half = d // 2
+        freqs = max_period ** (-jnp.arange(half, dtype=jnp.float32) / half)
+        ang = positions[..., a:a + 1].astype(jnp.float32) * freqs
+        parts += [jnp.sin(ang), jnp.cos(ang)]
+    return jnp.concatenate(parts, axis=-1)
+
+
 # ------------------------------------------------------------------ timestep embedding
 
 
@@ -195,8 +231,10 @@ class TimestepEmbedder(nnx.Module):
                  dtype=None):
         self.freq_dim = freq_dim
         init = nnx.initializers.normal(0.02)
-        self.fc1 = dense(freq_dim, hidden_size, kernel_init=init, dtype=dtype, rngs=rngs)
-        self.fc2 = dense(hidden_size, hidden_size, kernel_init=init, dtype=dtype, rngs=rngs)
+        self.fc1 = dense(freq_dim, hidden_size, kernel_init=init, dtype=dtype, rngs=rngs,
+                         axes=(IN_FEATURES, EMBED))
+        self.fc2 = dense(hidden_size, hidden_size, kernel_init=init, dtype=dtype, rngs=rngs,
+                         axes=(EMBED, MLP_AXIS))
 
     def __call__(self, t: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.silu(self.fc1(timestep_embedding(t, self.freq_dim))))
@@ -223,7 +261,7 @@ class AdaLNModulation(nnx.Module):
                  dtype=None):
         self.n_chunks = n_chunks
         self.linear = dense(cond_dim, n_chunks * hidden_size, zero=True, dtype=dtype,
-                            rngs=rngs)
+                            rngs=rngs, axes=(EMBED, MLP_AXIS))
 
     def __call__(self, c: jax.Array) -> tuple[jax.Array, ...]:
         return tuple(jnp.split(self.linear(jax.nn.silu(c)), self.n_chunks, axis=-1))
@@ -236,9 +274,9 @@ class MLP(nnx.Module):
     """
 
     def __init__(self, dim: int, hidden_dim: int, *, out_dim: int | None = None,
-                 rngs: nnx.Rngs, dtype=None):
-        self.fc1 = dense(dim, hidden_dim, dtype=dtype, rngs=rngs)
-        self.fc2 = dense(hidden_dim, out_dim or dim, dtype=dtype, rngs=rngs)
+                 rngs: nnx.Rngs, dtype=None, in_axis: str | None = EMBED):
+        self.fc1 = dense(dim, hidden_dim, dtype=dtype, rngs=rngs, axes=(in_axis, MLP_AXIS))
+        self.fc2 = dense(hidden_dim, out_dim or dim, dtype=dtype, rngs=rngs, axes=(MLP_AXIS, EMBED))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
@@ -247,4 +285,5 @@ class MLP(nnx.Module):
 def layer_norm(dim: int, *, affine: bool, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
     """LayerNorm with eps 1e-6; ``affine=False`` before adaLN modulation (DiT)."""
     return nnx.LayerNorm(dim, epsilon=1e-6, use_bias=affine, use_scale=affine, dtype=dtype,
-                         rngs=rngs)
+                         scale_init=partitioned(nnx.initializers.ones_init(), (NORM,)),
+                         bias_init=partitioned(zeros_init, (NORM,)), rngs=rngs)

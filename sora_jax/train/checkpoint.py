@@ -68,6 +68,24 @@ class Checkpointer:
         """The newest complete step, or None when there is none."""
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """Complete steps, newest first (Orbax skips the temporary folders of unfinished saves)."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def quarantine(self, step: int) -> str:
+        """Renames an unreadable step's folder to ``<step>.corrupt`` (kept for inspection, ignored
+        from then on, and out of the way of a new save of that step); returns the new path."""
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.corrupt"
+        n = 1
+        while os.path.exists(dst):
+            n += 1
+            dst = f"{src}.corrupt{n}"
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        self.manager.reload()
+        return dst
+
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None, meta: dict[str, Any],
              data_state: dict[str, Any] | None = None):
         """Writes model parameters, optimizer state, JSON metadata and the input iterator's

@@ -17,6 +17,8 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -70,6 +72,58 @@ class TrainTask:
     dataset: Any = None
     optimizer_fn: OptimizerFn | None = None
     on_finish: Callable[[nnx.Module], None] | None = None
+
+
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM after saving a checkpoint at ``step``; rerun to resume."""
+
+    def __init__(self, name: str, step: int):
+        super().__init__(f"{name}: stopped by SIGTERM at step {step}; checkpoint saved, rerun "
+                         "the same command to resume")
+        self.step = step
+
+
+class _SigtermFlag:
+    """Sets a flag on SIGTERM (preemption notice) while installed; the loop checks it between
+    steps. Only the main thread may install signal handlers: elsewhere this is inert."""
+
+    def __init__(self):
+        self.event, self.previous = threading.Event(), None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.event.set())
+        return self.event
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _restore_latest(ckpt: Checkpointer, task: "TrainTask", optimizer) -> tuple[int, Any]:
+    """Restores the newest readable checkpoint; unreadable newer ones are quarantined.
+
+    Returns (step, data iterator state), or (0, None) when there is no checkpoint.
+
+    Raises:
+      RuntimeError: checkpoints exist but none of them can be read.
+    """
+    steps = ckpt.all_steps()
+    for step in steps:
+        try:
+            meta = ckpt.restore(task.model, optimizer, step=step)
+            data_state = ckpt.restore_data_state(step)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: fall back, keep the evidence
+            moved = ckpt.quarantine(step)
+            log.warning("%s: checkpoint %d is unreadable (%s: %s); moved to %s, trying the one "
+                        "before", task.name, step, type(e).__name__, str(e)[:200], moved)
+            continue
+        log.info("%s: resumed from step %d (%s)", task.name, int(meta["step"]), ckpt.directory)
+        return int(meta["step"]), data_state
+    if steps:
+        raise RuntimeError(f"{task.name}: none of the checkpoints {steps} in {ckpt.directory} "
+                           "can be read")
+    return 0, None
 
 
 class _Batches:
@@ -143,30 +197,65 @@ class TrainStep:
         int32 scalar array ``i``.
       schedule: learning-rate schedule (reported as the ``learning_rate`` metric).
       seed: base of the per-step keys.
+      mesh: optional device mesh (:func:`sora_jax.parallel.mesh.create_mesh`). With it, the
+        model and optimizer state are placed by their logical axis names and ``rules``
+        (:func:`sora_jax.parallel.sharding.state_shardings`), each batch is assembled from
+        this process's rows into a global array sharded over the batch axes
+        (:func:`sora_jax.parallel.sharding.shard_batch`), and activations follow the
+        model's ``constrain`` calls. Without it, everything lives on the default device.
+      rules: logical-axis rules for ``mesh`` (default :data:`sora_jax.parallel.axes.DEFAULT_RULES`).
     """
 
     def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn,
-                 schedule: optax.Schedule, seed: int):
+                 schedule: optax.Schedule, seed: int, mesh=None, rules=None):
+        from sora_jax.parallel.axes import DEFAULT_RULES
+
         self._objects = (model, optimizer)
         graphdef, self.state = nnx.split(self._objects)
         base_key = jax.random.key(seed)
         self.compiles = 0
+        self.mesh, self.rules = mesh, (DEFAULT_RULES if rules is None else rules)
 
         def step_fn(state, batch, step):
             self.compiles += 1  # runs only while tracing: one count per compilation
+            # merge shares the Variables of `state`, which the update mutates: keep the arrays
+            old = jax.tree.leaves(state)
             model, opt = nnx.merge(graphdef, state)
             key = jax.random.fold_in(base_key, step)
             (loss, aux), grads = nnx.value_and_grad(
                 lambda m: loss_fn(m, batch, key, step), has_aux=True
             )(model)
+            grad_norm = optax.tree.norm(grads)
             opt.update(model, grads)
-            aux = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(step))
-            return nnx.state((model, opt)), aux
+            # A non-finite loss or gradient skips the update: the state goes through unchanged
+            # (the optimizer's step count too) and the host loop counts it.
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            updated = nnx.state((model, opt))
+            leaves, treedef = jax.tree.flatten(updated)
+            new_state = jax.tree.unflatten(
+                treedef, [jnp.where(finite, n, o) for n, o in zip(leaves, old)])
+            aux = dict(aux, loss=loss, grad_norm=grad_norm, learning_rate=schedule(step),
+                       nonfinite=1.0 - finite.astype(jnp.float32))
+            return new_state, aux
 
-        self._jit = jax.jit(step_fn, donate_argnums=(0,))
+        if mesh is None:
+            self._jit = jax.jit(step_fn, donate_argnums=(0,))
+        else:
+            from sora_jax.parallel.sharding import state_shardings
+
+            shardings = state_shardings(self.state, mesh, self.rules)
+            self.state = jax.device_put(self.state, shardings)
+            self._jit = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, None))
 
     def __call__(self, batch: Batch, i: int) -> dict[str, jax.Array]:
-        self.state, aux = self._jit(self.state, batch, jnp.asarray(i, jnp.int32))
+        step = jnp.asarray(i, jnp.int32)
+        if self.mesh is None:
+            self.state, aux = self._jit(self.state, batch, step)
+            return aux
+        from sora_jax.parallel.sharding import activate, shard_batch
+
+        with activate(self.mesh, self.rules):  # the model's constrain() calls see the mesh
+            self.state, aux = self._jit(self.state, shard_batch(batch, self.mesh, self.rules), step)
         return aux
 
     def sync(self):
@@ -180,6 +269,8 @@ def train(
     workdir: str,
     *,
     progress: bool = True,
+    mesh=None,
+    rules=None,
 ) -> dict[str, Any]:
     """Trains ``task.model`` for ``cfg.steps`` steps, resuming from ``workdir/checkpoints``.
 
@@ -190,29 +281,39 @@ def train(
         checkpoint_every, max_to_keep.
       workdir: run folder; checkpoints go to ``checkpoints/``, metrics to ``logs/``.
       progress: show a tqdm bar.
+      mesh, rules: optional device mesh and logical-axis rules (see :class:`TrainStep`); each
+        process's batches hold its own rows of the global batch.
 
     Returns:
       Summary dict: ``steps``, ``resumed_from``, ``final_loss``, ``final_metrics``, ``seconds``
       ``steps_per_s`` (of this invocation) and ``train_step_compiles`` (traces of the step
       function in this invocation: 1 when every batch had the same shapes).
 
+    Robustness: a step whose loss or gradient norm is not finite leaves the state unchanged
+    (counted as the ``nonfinite`` metric and ``nonfinite_steps``); ``cfg.nonfinite_limit`` of
+    them in a row (default 10; 0 = never) stop the run. SIGTERM (a preemption notice) makes
+    the loop save a checkpoint after the current step and raise :class:`Preempted`. On start,
+    the newest readable checkpoint is restored; unreadable newer ones are renamed
+    ``<step>.corrupt``.
+
     Raises:
       ValueError: the task has neither or both of ``batch_fn`` and ``dataset``, or a
         checkpoint to resume from lacks the iterator state a ``dataset`` task needs.
-      FloatingPointError: the logged mean loss is not finite.
+      FloatingPointError: ``nonfinite_limit`` non-finite steps in a row.
+      Preempted: SIGTERM arrived; the checkpoint of the last completed step is on disk.
+      RuntimeError: checkpoints exist but none can be read.
     """
     tx, schedule = (task.optimizer_fn or make_optimizer)(cfg)
     optimizer = nnx.Optimizer(task.model, tx, wrt=nnx.Param)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep)
-    start, data_state = 0, None
-    if ckpt.latest_step() is not None:
-        meta = ckpt.restore(task.model, optimizer)
-        start = int(meta["step"])
-        data_state = ckpt.restore_data_state(start)
-        log.info("%s: resumed from step %d (%s)", task.name, start, ckpt.directory)
+    start, data_state = _restore_latest(ckpt, task, optimizer)
     writer = MetricWriter(os.path.join(workdir, "logs"), enabled=jax.process_index() == 0)
 
-    step = TrainStep(task.model, optimizer, task.loss_fn, schedule, cfg.seed)
+    step = TrainStep(task.model, optimizer, task.loss_fn, schedule, cfg.seed, mesh=mesh, rules=rules)
+    if mesh is not None:
+        from sora_jax.parallel.mesh import describe
+
+        log.info("%s: mesh %s", task.name, describe(mesh))
     summary: dict[str, Any] = {"resumed_from": start, "steps": cfg.steps}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     batches = _Batches(task, start, data_state)
@@ -222,29 +323,46 @@ def train(
     t0, last_aux, window = time.time(), None, []
 
     sync_model = step.sync
+    limit = int(cfg.get("nonfinite_limit", 10))
+    nonfinite_run = nonfinite_total = 0
     try:
-        for i in range(start, cfg.steps):
-            batch, data_state = pending.result()
-            if i + 1 < cfg.steps:  # prepare the next batch while this step runs
-                pending = pool.submit(batches.next)
-            window.append(step(batch, i))
-            done = i + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                host = jax.device_get(window)
-                mean = {k: float(np.mean([a[k] for a in host])) for k in host[-1]}
-                if not np.isfinite(mean["loss"]):
-                    raise FloatingPointError(f"{task.name}: non-finite loss at step {done}: {mean}")
-                writer.write_scalars(done, {f"{task.name}/{k}": v for k, v in mean.items()})
-                bar.set_postfix(loss=f"{mean['loss']:.4f}")
-                last_aux, window = mean, []
-            bar.update(1)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                sync_model()
-                if done == cfg.steps and task.on_finish is not None:
-                    # Not guarded by an earlier save: a rerun resuming at the final step
-                    # would skip on_finish and keep a checkpoint without what it stores.
-                    task.on_finish(task.model)
-                ckpt.save(done, task.model, optimizer, task.meta, data_state)
+        with _SigtermFlag() as sigterm:
+            for i in range(start, cfg.steps):
+                batch, data_state = pending.result()
+                if i + 1 < cfg.steps:  # prepare the next batch while this step runs
+                    pending = pool.submit(batches.next)
+                window.append(step(batch, i))
+                done = i + 1
+                if done % cfg.log_every == 0 or done == cfg.steps or sigterm.is_set():
+                    host = jax.device_get(window)
+                    for a in host:  # consecutive skipped (non-finite) steps, across windows
+                        nonfinite_run = nonfinite_run + 1 if a["nonfinite"] else 0
+                        nonfinite_total += int(a["nonfinite"])
+                        if limit and nonfinite_run >= limit:
+                            raise FloatingPointError(
+                                f"{task.name}: {nonfinite_run} steps in a row with a non-finite loss "
+                                f"or gradient (up to step {done}; train.nonfinite_limit = {limit}); "
+                                f"the last checkpoint holds the state before them")
+                    finite = [a for a in host if not a["nonfinite"]] or host
+                    mean = {k: float(np.mean([a[k] for a in finite])) for k in host[-1]}
+                    mean["nonfinite"] = float(sum(a["nonfinite"] for a in host))
+                    writer.write_scalars(done, {f"{task.name}/{k}": v for k, v in mean.items()})
+                    bar.set_postfix(loss=f"{mean['loss']:.4f}")
+                    last_aux, window = mean, []
+                bar.update(1)
+                if sigterm.is_set() and done < cfg.steps:
+                    sync_model()
+                    ckpt.save(done, task.model, optimizer, task.meta, data_state)
+                    ckpt.wait()
+                    log.warning("%s: SIGTERM: saved step %d, stopping", task.name, done)
+                    raise Preempted(task.name, done)
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    sync_model()
+                    if done == cfg.steps and task.on_finish is not None:
+                        # Not guarded by an earlier save: a rerun resuming at the final step
+                        # would skip on_finish and keep a checkpoint without what it stores.
+                        task.on_finish(task.model)
+                    ckpt.save(done, task.model, optimizer, task.meta, data_state)
         # No sync after the loop: the last step already synced, and a second sync would undo
         # what on_finish stored in the model.
     finally:
@@ -260,6 +378,7 @@ def train(
         final_metrics=last_aux or {},
         final_loss=(last_aux or {}).get("loss"),
         train_step_compiles=step.compiles,
+        nonfinite_steps=nonfinite_total,
     )
     log.info("%s: %d train-step compilation(s) in this run", task.name, step.compiles)
     return summary

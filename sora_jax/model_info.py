@@ -1,0 +1,105 @@
+"""``sora-jax model-info``: parameter count and FLOPs per token of a config's DiT, without training.
+
+Parameters are counted on the abstract model (``nnx.eval_shape``: no memory) and in closed
+form (:func:`sora_jax.models.dit.dit_param_count_analytic`); FLOPs per token are analytic
+(:func:`sora_jax.models.dit.dit_flops_per_token`, matmuls only) and, with ``xla=True``,
+cross-checked with XLA's cost analysis of the compiled forward pass on abstract inputs
+(compiling needs no device memory for the weights).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+
+def _tokens(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+    from sora_jax.stages import latent_shape
+
+    mi = cfg.get("model_info") or {}
+    if mi.get("latent"):
+        t, h, w = mi["latent"]
+    else:
+        t, h, w, _ = latent_shape(cfg, cfg.sample.frames, cfg.sample.height, cfg.sample.width)
+    pt, ph, pw = cfg.dit.patch
+    return (t // pt) * (h // ph) * (w // pw), int(cfg.text.max_length)
+
+
+def xla_forward_flops(cfg: ml_collections.ConfigDict, seq_len: int, text_len: int) -> float:
+    """FLOPs of one forward pass on a (1, seq_len) row, from XLA's cost analysis.
+
+    Compiled with dense attention and no remat: XLA counts a loop body once, so the
+    block-sparse backend's loops would hide most attention FLOPs.
+
+    Raises:
+      RuntimeError: the backend reports no cost analysis.
+    """
+    from sora_jax.stages import build_dit
+
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.dit.attention_backend, cfg.dit.remat = "xla", False
+    model = nnx.eval_shape(lambda: build_dit(cfg))
+    graphdef, state = nnx.split(model)
+    d = cfg.dit
+    in_dim = model.in_dim
+
+    def forward(state, tokens, seg, pos, t, text, tseg, labels):
+        m = nnx.merge(graphdef, state)
+        if d.get("num_classes", 0):
+            return m(tokens, seg, pos, t, labels=labels)
+        return m(tokens, seg, pos, t, text, tseg)
+
+    S = jax.ShapeDtypeStruct
+    args = (state, S((1, seq_len, in_dim), jnp.float32), S((1, seq_len), jnp.int32),
+            S((1, seq_len, 3), jnp.int32), S((1, seq_len), jnp.float32),
+            S((1, text_len, d.get("text_dim", 384)), jnp.float32), S((1, text_len), jnp.int32),
+            S((1, seq_len), jnp.int32))
+    cost = jax.jit(forward).lower(*args).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        raise RuntimeError("this backend reports no XLA cost analysis")
+    return float(cost["flops"])
+
+
+def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False) -> dict[str, Any]:
+    """Size and cost of ``cfg``'s DiT.
+
+    The row is ``cfg.model_info.latent`` = (t, h, w) latent frames (default: the latent of
+    ``cfg.sample``'s video), patchified by ``cfg.dit.patch``.
+
+    Returns:
+      ``params`` (counted), ``params_analytic``, ``flops_per_token`` (analytic forward FLOPs
+      per latent token at ``seq_len``, 2 per multiply-add), ``train_flops_per_token`` (3x:
+      forward + backward; remat's recomputation is not model FLOPs), ``seq_len``,
+      ``text_len``, the shape, and with ``xla`` ``flops_per_token_xla`` and
+      ``xla_over_analytic``.
+    """
+    from sora_jax.models.dit import dit_flops_per_token, dit_param_count_analytic
+    from sora_jax.stages import build_dit, dit_in_dim
+
+    d = cfg.dit
+    in_dim = dit_in_dim(cfg)
+    seq_len, text_len = _tokens(cfg)
+    model = nnx.eval_shape(lambda: build_dit(cfg))
+    params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+    kw = {k: d[k] for k in ("hidden_size", "depth", "num_heads") }
+    kw.update(mlp_ratio=d.get("mlp_ratio", 4.0), text_dim=d.get("text_dim", 384))
+    analytic = dit_param_count_analytic(in_dim=in_dim, qk_norm=d.get("qk_norm", True),
+                                        num_classes=d.get("num_classes", 0), **kw)
+    kw.pop("num_heads")
+    flops = dit_flops_per_token(in_dim=in_dim, seq_len=seq_len, text_len=text_len,
+                                cross_attention=not d.get("num_classes", 0), **kw)
+    info = {"name": cfg.get("name", ""), "params": params, "params_analytic": analytic,
+            "flops_per_token": flops, "train_flops_per_token": 3 * flops, "seq_len": seq_len,
+            "text_len": text_len, "in_dim": in_dim, "hidden_size": d.hidden_size, "depth": d.depth,
+            "num_heads": d.num_heads, "num_classes": int(d.get("num_classes", 0))}
+    if xla:
+        per_token = xla_forward_flops(cfg, seq_len, text_len) / seq_len
+        info.update(flops_per_token_xla=per_token, xla_over_analytic=per_token / flops)
+    return info

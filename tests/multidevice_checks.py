@@ -1,0 +1,132 @@
+"""Runs in a child process with 8 simulated CPU devices (``tests/test_parallel.py`` sets
+XLA_FLAGS): trains a tiny DiT a few steps on one device and on several meshes, and prints
+one JSON object with what the tests compare."""
+
+import json
+import sys
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from sora_jax.models.dit import DiT
+from sora_jax.parallel.mesh import create_mesh
+from sora_jax.parallel.sharding import param_bytes_per_device, state_shardings
+from sora_jax.train.steps import dit_loss_fn
+from sora_jax.train.trainer import TrainStep
+
+import ml_collections
+
+STEPS = 3
+MESHES = {
+    "data8": dict(data=8),
+    "fsdp8": dict(fsdp=8),
+    "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
+    "fsdp4_tensor2": dict(fsdp=4, tensor=2),
+    "data2_context4": dict(data=2, context=4),
+}
+
+
+def batch(step: int) -> dict:
+    """8 packed rows of 64 tokens: 2-3 examples per row, with padding, text per segment."""
+    rng = np.random.default_rng(step)
+    b, l, lt, d = 8, 64, 16, 16
+    seg = np.zeros((b, l), np.int32)
+    tseg = np.zeros((b, lt), np.int32)
+    pos = np.zeros((b, l, 3), np.int32)
+    for r in range(b):
+        cuts = sorted(rng.choice(np.arange(8, 56), 2, replace=False))
+        seg[r, :cuts[0]], seg[r, cuts[0]:cuts[1]], seg[r, cuts[1]:60] = 1, 2, 3
+        tseg[r, :5], tseg[r, 5:9], tseg[r, 9:12] = 1, 2, 3
+        pos[r, :, 0] = np.arange(l) // 16
+        pos[r, :, 1] = (np.arange(l) // 4) % 4
+        pos[r, :, 2] = np.arange(l) % 4
+    return dict(tokens=rng.standard_normal((b, l, d)).astype(np.float32), segment_ids=seg,
+                positions=pos, text=rng.standard_normal((b, lt, 32)).astype(np.float32),
+                text_segment_ids=tseg, loss_mask=(seg > 0).astype(np.float32))
+
+
+def run(mesh_sizes):
+    model = DiT(in_dim=16, hidden_size=64, depth=2, num_heads=4, text_dim=32, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+    flow = ml_collections.ConfigDict(dict(logit_mean=0.0, logit_std=1.0, base_tokens=48, max_shift=3.0,
+                                          caption_dropout=0.1, loss_weighting="per_token"))
+    mesh = None if mesh_sizes is None else create_mesh(dict(ici=mesh_sizes))
+    step = TrainStep(model, opt, dit_loss_fn(flow), lambda s: 1e-3, seed=0, mesh=mesh)
+    losses = [float(step(batch(i), i)["loss"]) for i in range(STEPS)]
+    step.sync()
+    params = {jax.tree_util.keystr(p): np.asarray(v.get_value())
+              for p, v in jax.tree_util.tree_flatten_with_path(
+                  nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]}
+    out = {"losses": losses, "params": params}
+    if mesh is not None:
+        state = nnx.state(model, nnx.Param)
+        sh = state_shardings(state, mesh, None or __import__("sora_jax.parallel.axes", fromlist=["x"]).DEFAULT_RULES)
+        out["bytes"] = param_bytes_per_device(state, sh)
+        kernel = model.blocks[0].mlp.fc1.kernel.get_value()
+        out["fc1_spec"] = str(kernel.sharding.spec)
+    return out
+
+
+def context_attention_checks() -> dict:
+    """Context-parallel attention vs. one device: values and gradients, self and cross."""
+    import jax.numpy as jnp
+
+    from sora_jax.models.attention import dot_product_attention
+    from sora_jax.parallel import context
+    from sora_jax.parallel.sharding import activate
+
+    rng = np.random.default_rng(1)
+    b, l, lt, h, dh = 2, 64, 8, 4, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((b, l, h, dh)), jnp.float32) for _ in range(3))
+    tk, tv = (jnp.asarray(rng.standard_normal((b, lt, h, dh)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray(np.repeat([[1] * 20 + [2] * 30 + [3] * 10 + [0] * 4], b, 0), jnp.int32)
+    tseg = jnp.asarray(np.repeat([[0, 1, 1, 2, 2, 2, 3, 0]], b, 0), jnp.int32)
+    always = jnp.zeros((b, lt), bool).at[:, 0].set(True)
+    out = {}
+    for backend in ("xla", "chunked"):
+        def self_attn(q, k, v, fn):
+            return fn(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, backend=backend,
+                      **({"gather_kv": True} if fn is context.attention else {}))
+
+        def cross_attn(q, k, v, fn):
+            return fn(q, k, v, q_segment_ids=seg, kv_segment_ids=tseg, kv_always_visible=always,
+                      backend=backend, **({"gather_kv": False} if fn is context.attention else {}))
+
+        for name, f, kk, vv in (("self", self_attn, k, v), ("cross", cross_attn, tk, tv)):
+            def loss(q, k, v, fn):
+                return jnp.sum(jnp.sin(f(q, k, v, fn)))
+
+            ref_val = f(q, kk, vv, dot_product_attention)
+            ref_grad = jax.grad(loss, argnums=(0, 1, 2))(q, kk, vv, dot_product_attention)
+            mesh = create_mesh(dict(ici=dict(context=8)))
+            with activate(mesh, __import__("sora_jax.parallel.axes", fromlist=["x"]).DEFAULT_RULES):
+                fn = jax.jit(lambda q, k, v: (f(q, k, v, context.attention),
+                                              jax.grad(loss, argnums=(0, 1, 2))(q, k, v, context.attention)))
+                hlo = fn.lower(q, kk, vv).compile().as_text()
+                val, grad = fn(q, kk, vv)
+            out[f"{name}_{backend}"] = {
+                "value_diff": float(jnp.max(jnp.abs(val - ref_val))),
+                "grad_diff": max(float(jnp.max(jnp.abs(a - r))) for a, r in zip(grad, ref_grad)),
+                "all_gather": "all-gather" in hlo,
+                "out_spec": str(val.sharding.spec),
+            }
+    return out
+
+
+def main():
+    ref = run(None)
+    result = {"devices": jax.device_count(), "reference_losses": ref["losses"], "meshes": {},
+              "context_attention": context_attention_checks()}
+    for name, sizes in MESHES.items():
+        got = run(sizes)
+        diff = max(float(np.max(np.abs(got["params"][k] - ref["params"][k]))) for k in ref["params"])
+        result["meshes"][name] = {"losses": got["losses"], "max_param_diff": diff,
+                                  "param_fraction": got["bytes"]["max_per_device"] / got["bytes"]["total"],
+                                  "fc1_spec": got["fc1_spec"]}
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

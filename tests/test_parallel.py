@@ -1,0 +1,89 @@
+"""Meshes, logical-axis sharding and context parallelism.
+
+The multi-device checks run in one child process with 8 simulated CPU devices
+(``tests/multidevice_checks.py``): XLA's device count is fixed when JAX starts, and the rest
+of the suite runs on one device.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from sora_jax.parallel.axes import DEFAULT_RULES, logical_to_spec, normalize_rules
+from sora_jax.parallel.mesh import MeshError, create_mesh, fill_sizes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def multidevice():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "multidevice_checks.py")],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout)
+
+
+def test_sharded_train_steps_equal_the_single_device_steps(multidevice):
+    assert multidevice["devices"] == 8
+    ref = multidevice["reference_losses"]
+    assert len(multidevice["meshes"]) == 5
+    for name, got in multidevice["meshes"].items():
+        np.testing.assert_allclose(got["losses"], ref, rtol=1e-5, err_msg=name)
+        assert got["max_param_diff"] < 1e-5, name
+
+
+def test_parameters_are_sharded_by_their_logical_names(multidevice):
+    m = multidevice["meshes"]
+    assert m["data8"]["fc1_spec"] == "P(None, None)" and m["data8"]["param_fraction"] == 1.0
+    assert m["fsdp8"]["fc1_spec"] == "P('fsdp', None)"
+    assert m["fsdp4_tensor2"]["fc1_spec"] == "P('fsdp', 'tensor')"
+    # every matrix is split 8 ways; only norm scales and small vectors stay whole
+    assert m["fsdp8"]["param_fraction"] < 1 / 8 + 0.05
+
+
+def test_context_parallel_attention_equals_one_device(multidevice):
+    cp = multidevice["context_attention"]
+    for name, got in cp.items():
+        assert got["value_diff"] < 1e-5 and got["grad_diff"] < 1e-5, name
+        assert got["out_spec"] == "P(None, 'context')", name
+        # self-attention gathers K/V over the context axis; cross-attention's text is whole
+        assert got["all_gather"] == name.startswith("self"), name
+
+
+def test_logical_to_spec_rules():
+    rules = normalize_rules(DEFAULT_RULES)
+    sizes = {"data": 2, "fsdp": 4, "context": 1, "tensor": 2}
+    assert logical_to_spec(("batch", "length", None), rules) == P(("data", "fsdp"), "context", None)
+    # size-1 mesh axes are dropped; a mesh axis shards one dimension only
+    assert logical_to_spec(("batch", "length", None), rules, (8, 16, 4), sizes) == P(("data", "fsdp"), None, None)
+    assert logical_to_spec(("embed", "embed"), rules, (8, 8), sizes) == P("fsdp", None)
+    # axes that do not divide the dimension are dropped from the end
+    assert logical_to_spec(("batch",), rules, (2,), sizes) == P("data")
+    assert logical_to_spec(("embed", "mlp"), rules, (6, 6), sizes) == P(None, "tensor")
+
+
+def test_rules_and_mesh_errors_name_the_entry():
+    with pytest.raises(ValueError, match="unknown logical axis 'embd'"):
+        normalize_rules([("embd", "fsdp")])
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        normalize_rules({"embed": "model"})
+    assert fill_sizes({"data": -1, "tensor": 2}, 8, "ici") == (4, 1, 1, 2)
+    with pytest.raises(MeshError, match="mesh.ici"):
+        fill_sizes({"data": -1, "fsdp": -1}, 8, "ici")
+    with pytest.raises(MeshError, match="has 6 devices, but there are 8"):
+        fill_sizes({"data": 3, "fsdp": 2}, 8, "ici")
+    with pytest.raises(MeshError, match="not divisible"):
+        fill_sizes({"data": -1, "fsdp": 3}, 8, "ici")
+
+
+def test_one_device_mesh():
+    mesh = create_mesh({"ici": {"data": -1}}, devices=jax.devices()[:1])
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}

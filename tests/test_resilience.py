@@ -1,0 +1,140 @@
+"""A training loop that survives: non-finite steps skipped, SIGTERM saves, SIGKILL resumes
+bit for bit, a corrupt latest checkpoint falls back to the one before."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from configs.common import train_section
+from sora_jax.train.trainer import TrainTask, train
+from tests.test_train import Regressor, batch_fn, loss_fn, params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "train_worker.py")
+
+
+def _sgd(cfg):  # a constant rate: runs of different lengths take identical early steps
+    return optax.sgd(1e-2), optax.constant_schedule(1e-2)
+
+
+def _cfg(steps, **kw):
+    return train_section(steps=steps, log_every=1, checkpoint_every=kw.pop("checkpoint_every", 100), **kw)
+
+
+def _poisoned(bad_steps):
+    def fn(step):
+        b = batch_fn(step)
+        if step in bad_steps:
+            b["x"] = np.full_like(b["x"], np.nan)
+        return b
+    return fn
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    clean = Regressor()
+    train(TrainTask("reg", clean, loss_fn, batch_fn, optimizer_fn=_sgd), _cfg(2), str(tmp_path / "a"),
+          progress=False)
+    hit = Regressor()
+    summary = train(TrainTask("reg", hit, loss_fn, _poisoned({2}), optimizer_fn=_sgd), _cfg(3),
+                    str(tmp_path / "b"), progress=False)
+    assert summary["nonfinite_steps"] == 1
+    # step 2 changed nothing: the parameters are those after steps 0 and 1
+    jax.tree.map(np.testing.assert_array_equal, params(hit), params(clean))
+    lines = [json.loads(x) for x in open(tmp_path / "b" / "logs" / "metrics.jsonl")]
+    assert [x["reg/nonfinite"] for x in lines] == [0.0, 0.0, 1.0]
+
+
+def test_a_run_of_nonfinite_steps_stops_training(tmp_path):
+    with pytest.raises(FloatingPointError, match="3 steps in a row.*nonfinite_limit = 3"):
+        train(TrainTask("reg", Regressor(), loss_fn, _poisoned({1, 2, 3, 4}), optimizer_fn=_sgd),
+              _cfg(6, nonfinite_limit=3), str(tmp_path), progress=False)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+    straight = Regressor()
+    train(TrainTask("reg", straight, loss_fn, batch_fn), _cfg(8, checkpoint_every=3, max_to_keep=3),
+          str(tmp_path / "a"), progress=False)
+    run = tmp_path / "b"
+    train(TrainTask("reg", Regressor(), loss_fn, batch_fn), _cfg(8, checkpoint_every=3, max_to_keep=3),
+          str(run), progress=False)
+    # damage every file of the final checkpoint's parameters
+    for root, _, files in os.walk(run / "checkpoints" / "8" / "model"):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"\0garbage")
+    resumed = Regressor()
+    summary = train(TrainTask("reg", resumed, loss_fn, batch_fn), _cfg(8, checkpoint_every=3, max_to_keep=3),
+                    str(run), progress=False)
+    assert summary["resumed_from"] == 6
+    assert os.path.isdir(run / "checkpoints" / "8.corrupt")  # kept for inspection
+    jax.tree.map(np.testing.assert_array_equal, params(resumed), params(straight))
+
+
+def _losses(workdir) -> dict[int, float]:
+    """Per-step loss, the last record of each step (a resumed run re-logs the steps it redoes)."""
+    out = {}
+    path = os.path.join(workdir, "logs", "metrics.jsonl")
+    if os.path.exists(path):
+        for line in open(path):
+            rec = json.loads(line)
+            out[rec["step"]] = rec["reg/loss"]
+    return out
+
+
+def _start(workdir, steps, sleep):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, WORKER, str(workdir), str(steps), str(sleep)], env=env,
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc, workdir, step, timeout=120):
+    t0 = time.time()
+    while max(_losses(workdir), default=0) < step:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() - t0 < timeout, "the worker made no progress"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("straight")
+    proc = _start(wd, 12, 0.0)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    return _losses(wd)
+
+
+def test_sigkill_then_resume_gives_bitwise_identical_losses(tmp_path, uninterrupted):
+    proc = _start(tmp_path, 12, 0.3)
+    _wait_for_step(proc, tmp_path, 5)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(_losses(tmp_path))
+    assert killed_at < 12
+    resumed = _start(tmp_path, 12, 0.0)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    got = _losses(tmp_path)
+    assert sorted(got) == list(range(1, 13))
+    assert got == uninterrupted  # float for float, every step, before and after the kill
+
+
+def test_sigterm_saves_and_exits_then_resumes_exactly(tmp_path, uninterrupted):
+    proc = _start(tmp_path, 12, 0.3)
+    _wait_for_step(proc, tmp_path, 3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, proc.stderr.read()[-3000:]
+    stopped = max(_losses(tmp_path))
+    ckpts = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert ckpts[-1] == stopped < 12  # saved at the step it stopped, not only at the 2-step cadence
+    resumed = _start(tmp_path, 12, 0.0)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    assert _losses(tmp_path) == uninterrupted
