@@ -14,6 +14,7 @@ Train on the result with ``sora-jax train-dit --config.dit_train.data=PREFIX[:we
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -79,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="output folder (default: <workdir>/samples)")
     add("evaluate", "prompt adherence (digit and direction accuracy) on held-out prompts")
     add("quickstart", "all stages end to end; writes quickstart_metrics.json")
+    ac = add("aot-compile", "compile the DiT train step for a named topology on simulated CPU "
+                            "devices: per-device memory and FLOPs; exit 4 when it would not fit")
+    ac.add_argument("--topology", required=True,
+                    help="v5p-64, v5e-256, v6e-8, h100x8, h100x8x16 (hosts) ... (sora_jax.parallel.topologies)")
+    ac.add_argument("--rows", type=int, default=None,
+                    help="global packed rows per step (default: dit_train.batch_size)")
+    ac.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: dit_train.row_length)")
+    ac.add_argument("--hbm-gib", type=float, default=None,
+                    help="memory budget per device in GiB (default: the chip's; lower it for headroom)")
     mi = add("model-info", "the config's DiT: parameter count and FLOPs per token (no training, "
                            "no weights in memory)")
     mi.add_argument("--json", action="store_true", help="print JSON only (the default output too)")
@@ -128,6 +138,10 @@ def run(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
         return int(importlib.import_module(_DATA_TOOLS[argv[0]]).main(argv[1:]) or 0)
+    if argv and argv[0] == "aot-compile":
+        code = _aot_child(argv)
+        if code is not None:
+            return code
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     overrides, unknown = [], []
@@ -173,6 +187,13 @@ def run(argv: list[str] | None = None) -> int:
             out = stages.train_dit(cfg, wd, progress)
         elif args.command == "generate":
             out = _generate(cfg, args)
+        elif args.command == "aot-compile":
+            out = _aot_compile(cfg, args)
+            if not out["fits"]:
+                print(json.dumps(out, indent=2, sort_keys=True, default=str))
+                print(f"sora-jax aot-compile: error: {out['bytes_per_device'] / 2**30:.2f} GiB per device "
+                      f"does not fit the {out['hbm_bytes'] / 2**30:.1f} GiB of {args.topology}", file=sys.stderr)
+                return 4
         elif args.command == "model-info":
             from sora_jax.model_info import model_info
 
@@ -195,10 +216,58 @@ def run(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, FloatingPointError) as e:  # bad input met mid-stage: one line, no traceback
         print(f"sora-jax {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    import json
-
     print(json.dumps(out, indent=2, sort_keys=True, default=str))
     return 0
+
+
+def _aot_child(argv: list[str]) -> int | None:
+    """Re-runs ``aot-compile`` in a child JAX with as many CPU devices as the topology has chips
+    (the device count is fixed when JAX starts); None when this process is that child."""
+    if os.environ.get("SORA_JAX_AOT_CHILD") == "1":
+        return None
+    import subprocess
+
+    from sora_jax.parallel.topologies import parse
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--topology", required=True)
+    known, _ = p.parse_known_args(argv[1:])
+    try:
+        topo = parse(known.topology)
+    except ValueError as e:
+        print(f"sora-jax aot-compile: error: {e}", file=sys.stderr)
+        return 2
+    env = dict(os.environ, SORA_JAX_AOT_CHILD="1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={topo.num_devices}")
+    return subprocess.call([sys.executable, "-m", "sora_jax.cli", *argv], env=env)
+
+
+def _aot_compile(cfg, args) -> dict:
+    import jax
+
+    from sora_jax.model_info import model_info
+    from sora_jax.parallel.aot import compile_dit_train_step
+    from sora_jax.parallel.mesh import create_mesh, describe
+    from sora_jax.parallel.topologies import parse
+
+    topo = parse(args.topology)
+    if jax.device_count() != topo.num_devices:
+        raise ValueError(f"{jax.device_count()} devices, {args.topology} has {topo.num_devices}")
+    mesh = create_mesh(cfg.mesh)
+    rows = args.rows or int(cfg.dit_train.batch_size)
+    seq_len = args.seq_len or int(cfg.dit_train.row_length)
+    text_len = int(cfg.dit_train.text_length)
+    out = compile_dit_train_step(cfg, mesh, [tuple(r) for r in cfg.mesh.rules], rows=rows,
+                                 seq_len=seq_len, text_len=text_len)
+    info = model_info(cfg, seq_len=seq_len)
+    tokens = rows * seq_len
+    budget = int(args.hbm_gib * 2**30) if args.hbm_gib else topo.chip.hbm_bytes
+    out.update(topology=args.topology, devices=topo.num_devices, mesh=describe(mesh), rows=rows,
+               seq_len=seq_len, params=info["params"], hbm_bytes=budget,
+               fits=out["bytes_per_device"] <= budget,
+               model_flops_per_step=3.0 * info["flops_per_token"] * tokens,
+               peak_bf16_flops_per_device=topo.chip.peak_bf16_flops)
+    return out
 
 
 def _read_media(path: str):

@@ -67,11 +67,12 @@ def xla_forward_flops(cfg: ml_collections.ConfigDict, seq_len: int, text_len: in
     return float(cost["flops"])
 
 
-def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False) -> dict[str, Any]:
+def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False,
+               seq_len: int | None = None) -> dict[str, Any]:
     """Size and cost of ``cfg``'s DiT.
 
-    The row is ``cfg.model_info.latent`` = (t, h, w) latent frames (default: the latent of
-    ``cfg.sample``'s video), patchified by ``cfg.dit.patch``.
+    The row is ``seq_len`` tokens, or ``cfg.model_info.latent`` = (t, h, w) latent frames
+    (default: the latent of ``cfg.sample``'s video) patchified by ``cfg.dit.patch``.
 
     Returns:
       ``params`` (counted), ``params_analytic``, ``flops_per_token`` (analytic forward FLOPs
@@ -85,7 +86,8 @@ def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False) -> dict[str
 
     d = cfg.dit
     in_dim = dit_in_dim(cfg)
-    seq_len, text_len = _tokens(cfg)
+    tokens, text_len = _tokens(cfg)
+    seq_len = seq_len or tokens
     model = nnx.eval_shape(lambda: build_dit(cfg))
     params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
     kw = {k: d[k] for k in ("hidden_size", "depth", "num_heads") }

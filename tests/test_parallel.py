@@ -87,3 +87,31 @@ def test_rules_and_mesh_errors_name_the_entry():
 def test_one_device_mesh():
     mesh = create_mesh({"ici": {"data": -1}}, devices=jax.devices()[:1])
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}
+
+
+def test_topology_names():
+    from sora_jax.parallel.topologies import parse
+
+    assert parse("v5p-64").num_devices == 32  # v5p slices count TensorCores, 2 per chip
+    assert parse("v5e-256").num_devices == 256
+    assert parse("h100x8x16").num_devices == 128
+    assert parse("h200-8").chip.hbm_bytes == 141 * 1000 ** 3
+    with pytest.raises(ValueError, match="unknown topology"):
+        parse("b200x8")
+
+
+def test_aot_compile_reports_memory_and_fails_early_when_too_big(tmp_path):
+    """The CLI re-runs itself with 4 simulated devices and compiles the quickstart DiT's step."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("XLA_FLAGS", None)
+    base = [sys.executable, "-m", "sora_jax.cli", "aot-compile", "--config", "configs/quickstart.py",
+            "--topology", "v5e-4", "--config.mesh.ici.fsdp=2", "--rows", "4", "--workdir", str(tmp_path)]
+    ok = subprocess.run(base, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    out = json.loads(ok.stdout[ok.stdout.index("{"):])
+    assert out["devices"] == 4 and out["mesh"].startswith("data=2 fsdp=2")
+    assert out["fits"] and 0 < out["bytes_per_device"] < out["hbm_bytes"]
+    assert out["model_flops_per_step"] > 0
+    tight = subprocess.run(base + ["--hbm-gib", "0.001"], env=env, capture_output=True, text=True,
+                           timeout=600, cwd=ROOT)
+    assert tight.returncode == 4 and "does not fit" in tight.stderr

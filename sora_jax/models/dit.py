@@ -280,7 +280,9 @@ class DiT(nnx.Module):
         """Builds a DiT from a ConfigDict (or any mapping-like object).
 
         Required fields: hidden_size, depth, num_heads. Optional: mlp_ratio, qk_norm,
-        text_dim, attention_backend, rope_axes_dims, rope_theta, remat, num_classes, pos_embed.
+        text_dim, attention_backend, rope_axes_dims, rope_theta, remat, num_classes, pos_embed,
+        dtype (compute dtype of the matmuls, e.g. "bfloat16"; parameters and optimizer state
+        stay float32: mixed precision with fp32 master weights).
         """
         get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
         rope_axes = get("rope_axes_dims", None)
@@ -291,7 +293,8 @@ class DiT(nnx.Module):
                    rope_theta=get("rope_theta", 10000.0),
                    attention_backend=get("attention_backend", "xla"),
                    remat=get("remat", False), num_classes=get("num_classes", 0),
-                   pos_embed=get("pos_embed", "rope"), rngs=rngs)
+                   pos_embed=get("pos_embed", "rope"),
+                   dtype=jnp.dtype(get("dtype", None) or "float32"), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
                  timesteps: jax.Array, text: jax.Array | None = None,

@@ -84,7 +84,8 @@ def _is_var(x) -> bool:
 def variable_spec(v: nnx.Variable, rules: Mapping[str, tuple[str, ...]], mesh: Mesh) -> PartitionSpec:
     """PartitionSpec of a Variable from its ``out_sharding`` names (replicated without)."""
     names = v.get_metadata().get("out_sharding")
-    shape = np.shape(v.get_value())
+    value = v.get_value()
+    shape = value.shape if hasattr(value, "shape") else np.shape(value)
     if not names:
         return PartitionSpec()
     return logical_to_spec(names, rules, shape, dict(mesh.shape))

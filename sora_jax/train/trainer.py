@@ -244,8 +244,24 @@ class TrainStep:
             from sora_jax.parallel.sharding import state_shardings
 
             shardings = state_shardings(self.state, mesh, self.rules)
-            self.state = jax.device_put(self.state, shardings)
+            if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.state)):
+                # abstract objects (nnx.eval_shape): only for lower(), e.g. ahead-of-time compiles
+                self.state = jax.tree.map(
+                    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, shardings)
+            else:
+                self.state = jax.device_put(self.state, shardings)
             self._jit = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, None))
+
+    def lower(self, batch: Batch):
+        """``jax.jit(...).lower`` of the step for ``batch`` (arrays or ShapeDtypeStructs with
+        shardings): ``.compile()`` it for ``memory_analysis()`` / ``cost_analysis()``."""
+        step = jax.ShapeDtypeStruct((), jnp.int32)
+        if self.mesh is None:
+            return self._jit.lower(self.state, batch, step)
+        from sora_jax.parallel.sharding import activate
+
+        with activate(self.mesh, self.rules):
+            return self._jit.lower(self.state, batch, step)
 
     def __call__(self, batch: Batch, i: int) -> dict[str, jax.Array]:
         step = jnp.asarray(i, jnp.int32)
