@@ -38,7 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.name = f"dit_{name}".replace(".", "_").lower()
     c.dit.update(SIZES[size])
     c.dit.patch = (1, 2, 2)
-    c.dit.remat = True
+    c.dit.remat = True  # with scan_layers: the backward keeps each layer's input only
+    c.dit.remat_policy = "nothing_saveable"
+    c.dit.scan_layers = True
     c.dit.attention_backend = "auto"
     if is_class:
         c.dit.update(num_classes=1000, pos_embed="sincos", qk_norm=False)

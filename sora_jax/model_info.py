@@ -33,8 +33,8 @@ def _tokens(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
 def xla_forward_flops(cfg: ml_collections.ConfigDict, seq_len: int, text_len: int) -> float:
     """FLOPs of one forward pass on a (1, seq_len) row, from XLA's cost analysis.
 
-    Compiled with dense attention and no remat: XLA counts a loop body once, so the
-    block-sparse backend's loops would hide most attention FLOPs.
+    Compiled with dense attention, no remat and unrolled layers: XLA counts a loop body
+    once, so a layer scan or the block-sparse backend's loops would hide most FLOPs.
 
     Raises:
       RuntimeError: the backend reports no cost analysis.
@@ -42,7 +42,7 @@ def xla_forward_flops(cfg: ml_collections.ConfigDict, seq_len: int, text_len: in
     from sora_jax.stages import build_dit
 
     cfg = ml_collections.ConfigDict(cfg.to_dict())
-    cfg.dit.attention_backend, cfg.dit.remat = "xla", False
+    cfg.dit.attention_backend, cfg.dit.remat, cfg.dit.scan_layers = "xla", False, False
     model = nnx.eval_shape(lambda: build_dit(cfg))
     graphdef, state = nnx.split(model)
     d = cfg.dit

@@ -47,8 +47,9 @@ def batch(step: int) -> dict:
                 text_segment_ids=tseg, loss_mask=(seg > 0).astype(np.float32))
 
 
-def run(mesh_sizes):
-    model = DiT(in_dim=16, hidden_size=64, depth=2, num_heads=4, text_dim=32, rngs=nnx.Rngs(0))
+def run(mesh_sizes, scan=False):
+    model = DiT(in_dim=16, hidden_size=64, depth=2, num_heads=4, text_dim=32, scan_layers=scan,
+                remat=scan, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
     flow = ml_collections.ConfigDict(dict(logit_mean=0.0, logit_std=1.0, base_tokens=48, max_shift=3.0,
                                           caption_dropout=0.1, loss_weighting="per_token"))
@@ -64,7 +65,7 @@ def run(mesh_sizes):
         state = nnx.state(model, nnx.Param)
         sh = state_shardings(state, mesh, None or __import__("sora_jax.parallel.axes", fromlist=["x"]).DEFAULT_RULES)
         out["bytes"] = param_bytes_per_device(state, sh)
-        kernel = model.blocks[0].mlp.fc1.kernel.get_value()
+        kernel = (model.blocks if scan else model.blocks[0]).mlp.fc1.kernel.get_value()
         out["fc1_spec"] = str(kernel.sharding.spec)
     return out
 
@@ -125,6 +126,12 @@ def main():
         result["meshes"][name] = {"losses": got["losses"], "max_param_diff": diff,
                                   "param_fraction": got["bytes"]["max_per_device"] / got["bytes"]["total"],
                                   "fc1_spec": got["fc1_spec"]}
+    # scanned layers (stacked parameters with a leading "layers" axis) under FSDP + tensor
+    ref_scan, got = run(None, scan=True), run(MESHES["fsdp4_tensor2"], scan=True)
+    result["scan_fsdp4_tensor2"] = {
+        "reference_losses": ref_scan["losses"], "losses": got["losses"], "fc1_spec": got["fc1_spec"],
+        "max_param_diff": max(float(np.max(np.abs(got["params"][k] - ref_scan["params"][k])))
+                              for k in ref_scan["params"])}
     json.dump(result, sys.stdout)
 
 

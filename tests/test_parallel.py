@@ -40,6 +40,13 @@ def test_sharded_train_steps_equal_the_single_device_steps(multidevice):
         assert got["max_param_diff"] < 1e-5, name
 
 
+def test_scanned_layers_shard_and_match_one_device(multidevice):
+    got = multidevice["scan_fsdp4_tensor2"]
+    np.testing.assert_allclose(got["losses"], got["reference_losses"], rtol=1e-5)
+    assert got["max_param_diff"] < 1e-5
+    assert got["fc1_spec"] == "P(None, 'fsdp', 'tensor')"  # the layers axis stays whole
+
+
 def test_parameters_are_sharded_by_their_logical_names(multidevice):
     m = multidevice["meshes"]
     assert m["data8"]["fc1_spec"] == "P(None, None)" and m["data8"]["param_fraction"] == 1.0

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sora_jax.parallel.context import attention as context_attention
-from sora_jax.parallel.axes import BATCH, EMBED, HEADS, IN_FEATURES, LENGTH, NORM
+from sora_jax.parallel.axes import BATCH, EMBED, HEADS, IN_FEATURES, LAYERS, LENGTH, NORM
 from sora_jax.parallel.sharding import constrain, partitioned
 from sora_jax.models.layers import (MLP, AdaLNModulation, RMSNorm, TimestepEmbedder,
                                     apply_rope, default_rope_axes_dims, dense, layer_norm,
@@ -158,6 +158,16 @@ def _apply_block(block: DiTBlock, *args):
     return block(*args)
 
 
+# Activation checkpointing policies (``jax.checkpoint_policies``) by config name: what each
+# block keeps from its forward pass for the backward; everything else is recomputed.
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,  # remat in name only
+}
+
+
 class FinalLayer(nnx.Module):
     """adaLN (shift, scale) then Linear(hidden -> out_dim); both zero-initialised, so a
     fresh model predicts exactly 0 (DiT)."""
@@ -209,6 +219,11 @@ class DiT(nnx.Module):
         device and length; see :mod:`sora_jax.models.attention`).
       remat: rematerialise each block in the backward pass (``nnx.remat``): less
         activation memory, about one extra forward of compute.
+      remat_policy: what a rematerialised block keeps (:data:`REMAT_POLICIES`).
+      scan_layers: stack the blocks' parameters on a leading ``layers`` axis and run them
+        with ``nnx.scan`` (MaxText's scan_layers): compile time independent of depth, and
+        remat that bounds memory (see the comment in ``__init__``). Checkpoints of scanned
+        and unrolled models are not interchangeable.
       dtype: compute dtype of the linears (None: float32 here); params are float32 and
         the output is always cast to float32.
       num_classes: 0 (default): text-conditioned. > 0: the class-conditional DiT of Peebles &
@@ -234,7 +249,10 @@ class DiT(nnx.Module):
                  mlp_ratio: float = 4.0, text_dim: int = 384, qk_norm: bool = True,
                  rope_axes_dims: Sequence[int] | None = None, rope_theta: float = 10000.0,
                  attention_backend: str = "xla", remat: bool = False, dtype=None,
-                 num_classes: int = 0, pos_embed: str = "rope", rngs: nnx.Rngs):
+                 num_classes: int = 0, pos_embed: str = "rope", scan_layers: bool = False,
+                 remat_policy: str = "nothing_saveable", rngs: nnx.Rngs):
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
         if pos_embed not in ("rope", "sincos"):
             raise ValueError(f"pos_embed must be 'rope' or 'sincos', got {pos_embed!r}")
         if num_classes < 0:
@@ -249,7 +267,7 @@ class DiT(nnx.Module):
         self.in_dim, self.hidden_size, self.depth = in_dim, hidden_size, depth
         self.num_heads, self.text_dim = num_heads, text_dim
         self.rope_axes_dims, self.rope_theta = axes, rope_theta
-        self.remat = remat
+        self.remat, self.remat_policy, self.scan_layers = remat, remat_policy, scan_layers
         self.num_classes, self.pos_embed = num_classes, pos_embed
         self.x_embed = dense(in_dim, hidden_size, dtype=dtype, rngs=rngs, axes=(IN_FEATURES, EMBED))
         # Added to the embedding of clean context tokens (sora_jax.diffusion.conditioning): t = 0
@@ -268,11 +286,20 @@ class DiT(nnx.Module):
                                   dtype=dtype, in_axis=IN_FEATURES)
             self.pooled_text_embed = dense(text_dim, hidden_size, dtype=dtype, rngs=rngs,
                                            axes=(IN_FEATURES, EMBED))
-        self.blocks = nnx.List([
-            DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm,
-                     cross_attention=not num_classes, backend=attention_backend, rngs=rngs,
-                     dtype=dtype)
-            for _ in range(depth)])
+        def make_block(rngs):
+            return DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm,
+                            cross_attention=not num_classes, backend=attention_backend, rngs=rngs,
+                            dtype=dtype)
+
+        if scan_layers:
+            # One block whose parameters carry a leading (depth,) axis, run with nnx.scan: the
+            # step compiles once whatever the depth, and with remat the backward keeps only
+            # each layer's input (an unrolled loop lets XLA hoist recomputation and keep all).
+            self.blocks = nnx.split_rngs(splits=depth)(nnx.vmap(
+                make_block, in_axes=(0,), out_axes=0,
+                transform_metadata={nnx.PARTITION_NAME: LAYERS}))(rngs)
+        else:
+            self.blocks = nnx.List([make_block(rngs) for _ in range(depth)])
         self.final = FinalLayer(hidden_size, in_dim, rngs=rngs, dtype=dtype)
 
     @classmethod
@@ -280,8 +307,8 @@ class DiT(nnx.Module):
         """Builds a DiT from a ConfigDict (or any mapping-like object).
 
         Required fields: hidden_size, depth, num_heads. Optional: mlp_ratio, qk_norm,
-        text_dim, attention_backend, rope_axes_dims, rope_theta, remat, num_classes, pos_embed,
-        dtype (compute dtype of the matmuls, e.g. "bfloat16"; parameters and optimizer state
+        text_dim, attention_backend, rope_axes_dims, rope_theta, remat, remat_policy,
+        scan_layers, num_classes, pos_embed, dtype (compute dtype of the matmuls, e.g. "bfloat16"; parameters and optimizer state
         stay float32: mixed precision with fp32 master weights).
         """
         get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
@@ -293,7 +320,8 @@ class DiT(nnx.Module):
                    rope_theta=get("rope_theta", 10000.0),
                    attention_backend=get("attention_backend", "xla"),
                    remat=get("remat", False), num_classes=get("num_classes", 0),
-                   pos_embed=get("pos_embed", "rope"),
+                   pos_embed=get("pos_embed", "rope"), scan_layers=get("scan_layers", False),
+                   remat_policy=get("remat_policy", "nothing_saveable"),
                    dtype=jnp.dtype(get("dtype", None) or "float32"), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
@@ -347,10 +375,21 @@ class DiT(nnx.Module):
             cos = sin = None
         else:
             cos, sin = rope_cos_sin(positions, self.rope_axes_dims, self.rope_theta)
-        for block in self.blocks:
-            args = (x, c, cos, sin, segment_ids, ctx, text_segment_ids)
-            x = nnx.remat(_apply_block)(block, *args) if self.remat else block(*args)
-            x = constrain(x, token_axes)
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.scan_layers:
+            def layer(x, block):
+                return constrain(block(x, c, cos, sin, segment_ids, ctx, text_segment_ids), token_axes)
+
+            if self.remat:
+                layer = nnx.remat(layer, policy=policy)
+            x = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                         transform_metadata={nnx.PARTITION_NAME: LAYERS})(x, self.blocks)
+        else:
+            for block in self.blocks:
+                args = (x, c, cos, sin, segment_ids, ctx, text_segment_ids)
+                x = (nnx.remat(_apply_block, policy=policy)(block, *args) if self.remat
+                     else block(*args))
+                x = constrain(x, token_axes)
         return self.final(x, c).astype(jnp.float32)
 
 

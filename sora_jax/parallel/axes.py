@@ -30,8 +30,9 @@ MLP = "mlp"  # MLP hidden width, adaLN modulation outputs
 HEADS = "heads"  # attention heads x head_dim, flattened
 IN_FEATURES = "in_features"  # widths owned by the outside world: patch, text encoder, frequencies
 NORM = "norm"  # per-feature vectors of norms and learned tokens: replicated
+LAYERS = "layers"  # the stacked layer axis of scanned blocks: replicated (each device runs all)
 
-LOGICAL_AXES = (BATCH, LENGTH, TEXT_LENGTH, EMBED, MLP, HEADS, IN_FEATURES, NORM)
+LOGICAL_AXES = (BATCH, LENGTH, TEXT_LENGTH, EMBED, MLP, HEADS, IN_FEATURES, NORM, LAYERS)
 
 # MaxText-style defaults: batch over both data axes, parameters' model width over fsdp,
 # heads and MLP width over tensor, the sequence over context. Names without a rule (and
