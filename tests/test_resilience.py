@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from configs.common import train_section
 from sora_jax.train.trainer import TrainTask, train
@@ -138,3 +139,19 @@ def test_sigterm_saves_and_exits_then_resumes_exactly(tmp_path, uninterrupted):
     resumed = _start(tmp_path, 12, 0.0)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
     assert _losses(tmp_path) == uninterrupted
+
+
+def test_unreadable_checkpoints_are_kept_when_none_restores(tmp_path):
+    train(TrainTask("reg", Regressor(), loss_fn, batch_fn), _cfg(4, checkpoint_every=2, max_to_keep=3),
+          str(tmp_path), progress=False)
+
+    class Wider(Regressor):  # another architecture: no checkpoint of the run fits it
+        def __init__(self):
+            super().__init__()
+            self.l1 = nnx.Linear(4, 32, rngs=nnx.Rngs(0))
+            self.l2 = nnx.Linear(32, 1, rngs=nnx.Rngs(1))
+
+    with pytest.raises(RuntimeError, match="none of the checkpoints"):
+        train(TrainTask("reg", Wider(), loss_fn, batch_fn), _cfg(6, checkpoint_every=2, max_to_keep=3),
+              str(tmp_path), progress=False)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # nothing renamed

@@ -103,26 +103,33 @@ class _SigtermFlag:
 def _restore_latest(ckpt: Checkpointer, task: "TrainTask", optimizer) -> tuple[int, Any]:
     """Restores the newest readable checkpoint; unreadable newer ones are quarantined.
 
+    Newer checkpoints are renamed ``<step>.corrupt`` only once an older one has restored:
+    when none can be read (e.g. the model config changed), nothing is moved and the error of
+    the newest is raised, so fixing the cause and rerunning loses nothing.
+
     Returns (step, data iterator state), or (0, None) when there is no checkpoint.
 
     Raises:
       RuntimeError: checkpoints exist but none of them can be read.
     """
-    steps = ckpt.all_steps()
+    steps, failed = ckpt.all_steps(), []
     for step in steps:
         try:
             meta = ckpt.restore(task.model, optimizer, step=step)
             data_state = ckpt.restore_data_state(step)
-        except Exception as e:  # noqa: BLE001 - any unreadable file: fall back, keep the evidence
-            moved = ckpt.quarantine(step)
-            log.warning("%s: checkpoint %d is unreadable (%s: %s); moved to %s, trying the one "
-                        "before", task.name, step, type(e).__name__, str(e)[:200], moved)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: try the one before
+            failed.append((step, e))
             continue
+        for bad, e in failed:
+            moved = ckpt.quarantine(bad)
+            log.warning("%s: checkpoint %d is unreadable (%s: %s); moved to %s", task.name, bad,
+                        type(e).__name__, str(e)[:200], moved)
         log.info("%s: resumed from step %d (%s)", task.name, int(meta["step"]), ckpt.directory)
         return int(meta["step"]), data_state
-    if steps:
-        raise RuntimeError(f"{task.name}: none of the checkpoints {steps} in {ckpt.directory} "
-                           "can be read")
+    if failed:
+        step, e = failed[0]
+        raise RuntimeError(f"{task.name}: none of the checkpoints {steps} in {ckpt.directory} can "
+                           f"be read; the newest ({step}) fails with {type(e).__name__}: {e}") from e
     return 0, None
 
 
@@ -322,7 +329,11 @@ def train(
     tx, schedule = (task.optimizer_fn or make_optimizer)(cfg)
     optimizer = nnx.Optimizer(task.model, tx, wrt=nnx.Param)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep)
-    start, data_state = _restore_latest(ckpt, task, optimizer)
+    try:
+        start, data_state = _restore_latest(ckpt, task, optimizer)
+    except BaseException:
+        ckpt.close()
+        raise
     writer = MetricWriter(os.path.join(workdir, "logs"), enabled=jax.process_index() == 0)
 
     step = TrainStep(task.model, optimizer, task.loss_fn, schedule, cfg.seed, mesh=mesh, rules=rules)
