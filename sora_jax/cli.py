@@ -1,7 +1,7 @@
 """``sora-jax``: the command line.
 
 Subcommands: prepare-data, train-vae, evaluate-vae, train-dit, generate, evaluate, quickstart,
-model-info.
+model-info, aot-compile.
 Every subcommand takes ``--config path/to/config.py[:arg]`` (default: the quickstart config),
 ``--workdir DIR`` and any number of ``--config.a.b=value`` overrides.
 
@@ -257,7 +257,7 @@ def _aot_compile(cfg, args) -> dict:
     rows = args.rows or int(cfg.dit_train.batch_size)
     seq_len = args.seq_len or int(cfg.dit_train.row_length)
     text_len = int(cfg.dit_train.text_length)
-    out = compile_dit_train_step(cfg, mesh, [tuple(r) for r in cfg.mesh.rules], rows=rows,
+    out = compile_dit_train_step(cfg, mesh, cfg.mesh.rules, rows=rows,
                                  seq_len=seq_len, text_len=text_len)
     info = model_info(cfg, seq_len=seq_len)
     tokens = rows * seq_len

@@ -59,12 +59,12 @@ def xla_forward_flops(cfg: ml_collections.ConfigDict, seq_len: int, text_len: in
             S((1, seq_len, 3), jnp.int32), S((1, seq_len), jnp.float32),
             S((1, text_len, d.get("text_dim", 384)), jnp.float32), S((1, text_len), jnp.int32),
             S((1, seq_len), jnp.int32))
-    cost = jax.jit(forward).lower(*args).compile().cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
+    from sora_jax.parallel.aot import compiled_flops
+
+    flops = compiled_flops(jax.jit(forward).lower(*args).compile())
+    if flops is None:
         raise RuntimeError("this backend reports no XLA cost analysis")
-    return float(cost["flops"])
+    return flops
 
 
 def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False,
@@ -90,7 +90,7 @@ def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False,
     seq_len = seq_len or tokens
     model = nnx.eval_shape(lambda: build_dit(cfg))
     params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-    kw = {k: d[k] for k in ("hidden_size", "depth", "num_heads") }
+    kw = {k: d[k] for k in ("hidden_size", "depth", "num_heads")}
     kw.update(mlp_ratio=d.get("mlp_ratio", 4.0), text_dim=d.get("text_dim", 384))
     analytic = dit_param_count_analytic(in_dim=in_dim, qk_norm=d.get("qk_norm", True),
                                         num_classes=d.get("num_classes", 0), **kw)

@@ -638,7 +638,7 @@ def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     if cfg.get("mesh") is not None:
         from sora_jax.parallel.mesh import create_mesh
 
-        mesh, rules = create_mesh(cfg.mesh), [tuple(r) for r in cfg.mesh.rules]
+        mesh, rules = create_mesh(cfg.mesh), cfg.mesh.rules
     summary = train(task, cfg.dit_train, paths(workdir)["dit"], progress=progress, mesh=mesh,
                     rules=rules)
     if not str(cfg.dit_train.data).strip():
