@@ -177,16 +177,18 @@ def run(argv: list[str] | None = None) -> int:
         cfg = _load(args, overrides)
         progress = not args.no_progress
         wd = args.workdir
+        from sora_jax.parallel.distributed import main_process_first
+
         if args.command == "prepare-data":
             out = stages.prepare_data(cfg, wd, progress)
-        elif args.command == "train-vae":
-            out = stages.train_vae(cfg, wd, progress)
+        elif args.command == "train-vae":  # process-local work: on process 0 of a job
+            out = main_process_first(lambda: stages.train_vae(cfg, wd, progress), args.command)
         elif args.command == "evaluate-vae":
-            out = stages.evaluate_vae(cfg, wd, out=args.out)
+            out = main_process_first(lambda: stages.evaluate_vae(cfg, wd, out=args.out), args.command)
         elif args.command == "train-dit":
             out = stages.train_dit(cfg, wd, progress)
         elif args.command == "generate":
-            out = _generate(cfg, args)
+            out = main_process_first(lambda: _generate(cfg, args), args.command)
         elif args.command == "aot-compile":
             out = _aot_compile(cfg, args)
             if not out["fits"]:
@@ -199,11 +201,11 @@ def run(argv: list[str] | None = None) -> int:
 
             out = model_info(cfg, xla=args.xla)
         elif args.command == "evaluate":
-            out = stages.evaluate(cfg, wd, progress=progress)
-            out = {k: out[k] for k in ("digit_accuracy", "direction_accuracy", "num_samples")}
+            out = main_process_first(lambda: stages.evaluate(cfg, wd, progress=progress), args.command)
+            out = out and {k: out[k] for k in ("digit_accuracy", "direction_accuracy", "num_samples")}
         else:
             out = stages.quickstart(cfg, wd, progress)
-            out = {k: v for k, v in out.items() if k != "samples"}
+            out = out and {k: v for k, v in out.items() if k != "samples"}
     except PromptRefused as e:
         print(f"sora-jax {args.command}: refused: {e}", file=sys.stderr)
         return 3
@@ -216,7 +218,8 @@ def run(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, FloatingPointError) as e:  # bad input met mid-stage: one line, no traceback
         print(f"sora-jax {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(out, indent=2, sort_keys=True, default=str))
+    if out is not None:  # None: a process other than 0 of a job, which reports nothing
+        print(json.dumps(out, indent=2, sort_keys=True, default=str))
     return 0
 
 
@@ -359,8 +362,29 @@ def _generate(cfg, args) -> dict:
     return {"samples": samples, "contact_sheet": os.path.join(out, "contact_sheet.png")}
 
 
+def _in_multi_process_job() -> bool:
+    return "jax" in sys.modules and sys.modules["jax"].distributed.is_initialized()
+
+
 def main():
-    sys.exit(run())
+    # A failed process of a multi-process job exits at once: a normal exit would wait in JAX's
+    # shutdown barrier (5 minutes) for the others, which may be waiting for it in a collective.
+    try:
+        code = run()
+    except SystemExit:
+        raise
+    except BaseException:
+        if not _in_multi_process_job():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if code and _in_multi_process_job():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

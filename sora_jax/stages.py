@@ -250,7 +250,8 @@ def _restore(model: nnx.Module, run_dir: str, what: str, subtree: str | None = N
 
     if not os.path.isdir(os.path.join(run_dir, "checkpoints")):  # don't create folders on a typo
         raise StageError(f"no {what} checkpoint in {run_dir}: run `sora-jax train-{what}` first")
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    # each process reads the whole model for itself: inference and encoding run per process
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), this_process_only=True)
     try:
         try:
             meta = ckpt.restore(model, subtree=subtree)
@@ -585,10 +586,12 @@ def dit_sources(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = T
     from data_pipelines.records import read_dataset
     from sora_jax.data.pipeline import mixed_source
 
+    from sora_jax.parallel.distributed import main_process_first
+
     pi, pc = jax.process_index(), jax.process_count()
     spec = str(cfg.dit_train.data).strip()
-    if not spec:
-        encode_latents(cfg, workdir, progress=progress)
+    if not spec:  # encoded once, by process 0; the others wait, then read the files
+        main_process_first(lambda: encode_latents(cfg, workdir, progress=progress), "encode_latents")
         p = paths(workdir)
         text = np.load(p["text_states"])
         return (mixed_source([read_dataset(p["latents_train"])], process_index=pi, process_count=pc),
@@ -627,18 +630,30 @@ def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     from sora_jax.train.steps import dit_loss_fn
     from sora_jax.train.trainer import TrainTask, train
 
-    save_config(cfg, workdir)
+    from sora_jax.model_info import model_info
+    from sora_jax.parallel.distributed import main_process_first
+
+    main_process_first(lambda: save_config(cfg, workdir), "save_config")
     source, text_table = dit_sources(cfg, workdir, progress)
-    dataset = packed_dataset(source, cfg.dit_train, tuple(cfg.dit.patch), cfg.dit_train.seed,
-                             text_table=text_table)
+    t = cfg.dit_train
+    dataset = packed_dataset(source, t, tuple(cfg.dit.patch), t.seed, text_table=text_table,
+                             process_count=jax.process_count())
     dit = build_dit(cfg)
+    # model FLOPs of a step for MFU: every row position is counted (padding included), and
+    # attention over the whole row, as the packed step computes it
+    tokens = int(t.batch_size) * int(t.row_length)
+    flops = 3.0 * model_info(cfg, seq_len=int(t.row_length))["flops_per_token"] * tokens
     task = TrainTask("dit", dit, dit_loss_fn(cfg.flow, cfg.get("conditioning")), None,
-                     meta={"config": config_lib.to_json(cfg)}, dataset=dataset)
+                     meta={"config": config_lib.to_json(cfg)}, dataset=dataset,
+                     tokens_per_step=tokens, flops_per_step=flops)
     mesh, rules = None, None
     if cfg.get("mesh") is not None:
         from sora_jax.parallel.mesh import create_mesh
 
         mesh, rules = create_mesh(cfg.mesh), cfg.mesh.rules
+    elif jax.process_count() > 1:
+        raise StageError("train-dit on several processes needs a 'mesh' config section "
+                         "(configs/common.py mesh_section) to shard the batch over them")
     summary = train(task, cfg.dit_train, paths(workdir)["dit"], progress=progress, mesh=mesh,
                     rules=rules)
     if not str(cfg.dit_train.data).strip():
@@ -782,9 +797,10 @@ def prompt_modes(cfg: ml_collections.ConfigDict, workdir: str, generator: Genera
     return results
 
 
-def quickstart(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
-    """Every stage in order; writes ``<workdir>/quickstart_metrics.json``."""
-    from sora_jax.io import write_json
+def quickstart(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any] | None:
+    """Every stage in order; writes ``<workdir>/quickstart_metrics.json`` and returns its metrics
+    (None on processes other than 0 of a multi-process job).
+    """
 
     timings: dict[str, float] = {}
 
@@ -796,10 +812,25 @@ def quickstart(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
         log.info("== stage %s done in %.1f s ==", name, timings[name])
         return out
 
-    save_config(cfg, workdir)
-    timed("prepare_data", prepare_data, cfg, workdir, progress)
-    vae = timed("train_vae", train_vae, cfg, workdir, progress)
+    from sora_jax.parallel.distributed import main_process_first
+
+    # Several processes: the DiT trains on all of them; the other stages run on process 0
+    # while the rest wait (they write files every process then reads), and it alone reports.
+    def first_stages():
+        save_config(cfg, workdir)
+        timed("prepare_data", prepare_data, cfg, workdir, progress)
+        return timed("train_vae", train_vae, cfg, workdir, progress)
+
+    vae = main_process_first(first_stages, "quickstart_vae")
     dit = timed("train_dit", train_dit, cfg, workdir, progress)
+    return main_process_first(lambda: _quickstart_report(cfg, workdir, progress, timed, timings, vae, dit),
+                              "quickstart_report")
+
+
+def _quickstart_report(cfg, workdir, progress, timed, timings, vae, dit) -> dict[str, Any]:
+    """The quickstart's sampling stages and its metrics file (on one process)."""
+    from sora_jax.io import write_json
+
     gen = Generator(cfg, workdir)
     ev = timed("evaluate", evaluate, cfg, workdir, gen, progress)
     modes = timed("modes", prompt_modes, cfg, workdir, gen, progress)

@@ -430,12 +430,14 @@ def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
 
 
 def test_local_launcher_runs_the_cli_in_every_process(tmp_path):
-    """Both processes join through the CLI's initialisation, then fail alike on a missing config."""
+    """Both processes join through the CLI's initialisation (process 0's needs process 1), then
+    fail on a missing config. A failed process exits at once, so the launcher may stop process 1
+    before it reports its own error."""
     r = _local(2, ["evaluate", "--config", "/nonexistent.py", "--no-progress"], tmp_path)
     assert r.returncode == 2, r.stderr
     logs = [(tmp_path / "logs" / f"proc_{i}.log").read_text() for i in range(2)]
     assert "processes=2" in logs[0] and "distributed:" not in logs[1]
-    assert all("config file not found: /nonexistent.py" in log for log in logs)
+    assert "config file not found: /nonexistent.py" in logs[0]
 
 
 def test_local_launcher_checks_its_arguments(tmp_path):

@@ -162,9 +162,13 @@ def test_process_shards_are_disjoint_and_complete():
     # and each process's packed batches hold only its own records
     shard = mixed_source([ds], process_index=1, process_count=3)
     seen = set()
-    for batch in _take(packed_dataset(shard, _cfg(), PATCH, seed=0), 6):
+    # batch_size is the global batch: each of the 3 processes makes a third of its rows
+    for batch in _take(packed_dataset(shard, _cfg(batch_size=6), PATCH, seed=0, process_count=3), 6):
+        assert batch["tokens"].shape[0] == 2
         seen |= {int(v) for v in np.unique(batch["text"][batch["text_segment_ids"] > 0][:, 0])}
     assert seen <= ids[1] and len(seen) > 5
+    with pytest.raises(ValueError, match="dit_train.batch_size.*multiple"):
+        packed_dataset(shard, _cfg(batch_size=4), PATCH, seed=0, process_count=3)
     with pytest.raises(ValueError, match="process_index"):
         mixed_source([ds], process_index=3, process_count=3)
 

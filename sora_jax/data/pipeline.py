@@ -161,7 +161,8 @@ def mixed_source(datasets: Sequence[grain.MapDataset], weights: Sequence[float] 
 
 def packed_dataset(source: grain.MapDataset, cfg: ml_collections.ConfigDict,
                    patch: Sequence[int], seed: int,
-                   text_table: tuple[np.ndarray, np.ndarray] | None = None) -> grain.IterDataset:
+                   text_table: tuple[np.ndarray, np.ndarray] | None = None,
+                  process_count: int = 1) -> grain.IterDataset:
     """Infinite Grain pipeline of NaViT-packed DiT batches (DESIGN.md's packed format).
 
     source -> shuffle (a new permutation every epoch) -> repeat -> :class:`NaViTExample`
@@ -175,30 +176,40 @@ def packed_dataset(source: grain.MapDataset, cfg: ml_collections.ConfigDict,
 
     Args:
       source: records (see :class:`NaViTExample`), already sharded for this process
-        (:func:`mixed_source`); ``batch_size`` rows are this process's part of the batch.
-      cfg: the ``dit_train`` section (``batch_size``, ``row_length``, ``text_length``,
-        ``packing_bins``, ``max_examples_per_row`` and :class:`NaViTExample`'s fields).
+        (:func:`mixed_source`).
+      cfg: the ``dit_train`` section (``batch_size``: rows of the global batch, over all
+        processes; ``row_length``, ``text_length``, ``packing_bins``, ``max_examples_per_row``
+        and :class:`NaViTExample`'s fields).
       patch: DiT patch (pt, ph, pw).
       seed: data seed.
       text_table: see :class:`NaViTExample`.
+      process_count: processes sharing the global batch; this pipeline makes
+        ``batch_size // process_count`` rows of each batch.
 
     Returns:
       ``grain.IterDataset`` of dicts with ``tokens`` (B, L, D) float32, ``segment_ids`` (B, L)
       int32, ``positions`` (B, L, 3) int32, ``timesteps`` (B, L) float32 zeros (the loss draws
       them), ``loss_mask`` (B, L) float32, ``text`` (B, Lt, Dt) float32, ``text_segment_ids``
       (B, Lt) int32.
+
+    Raises:
+      ValueError: ``batch_size`` is not a multiple of ``process_count``.
     """
+    if int(cfg.batch_size) % process_count:
+        raise ValueError(f"config key 'dit_train.batch_size' ({cfg.batch_size}) must be a multiple of "
+                         f"the number of processes ({process_count}): it is the global batch")
+    rows = int(cfg.batch_size) // process_count
     length = int(cfg.row_length)
     ds = source.shuffle(seed=seed).repeat()
     ds = ds.random_map(NaViTExample(cfg, patch, text_table), seed=seed)
-    bins = max(int(cfg.packing_bins), int(cfg.batch_size))
+    bins = max(int(cfg.packing_bins), rows)
     packed = grain.experimental.FirstFitPackIterDataset(
         ds.to_iter_dataset(),
         length_struct={"tokens": length, "positions": length, "loss_mask": length,
                        "text": int(cfg.text_length)},
         num_packing_bins=bins, seed=seed, shuffle_bins=True,
         max_sequences_per_bin=int(cfg.max_examples_per_row) or None)
-    return packed.batch(int(cfg.batch_size), drop_remainder=True).map(_to_packed_batch)
+    return packed.batch(rows, drop_remainder=True).map(_to_packed_batch)
 
 
 def batch_statistics(batch: dict[str, np.ndarray]) -> dict[str, float]:

@@ -410,3 +410,22 @@ def is_main_process() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+def main_process_first(fn, name: str):
+    """Runs ``fn()`` on process 0 alone, then holds every process at a barrier until it is done:
+    for work whose files all processes then read (encoding a dataset once, writing a config).
+
+    Returns ``fn()``'s value on process 0 and None on the others. With one process, just
+    ``fn()``. If ``fn`` raises on process 0 the others stay at the barrier until the job is
+    stopped (the launchers stop every process when one fails).
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    out = fn() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices(f"sora_jax:{name}")
+    return out

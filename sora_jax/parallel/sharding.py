@@ -108,6 +108,32 @@ def state_shardings(state: Any, mesh: Mesh, rules: Any) -> Any:
                         if _is_var(v) else NamedSharding(mesh, PartitionSpec()), state, is_leaf=_is_var)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """Puts every value of ``tree`` on its sharding in ``shardings`` (a matching tree).
+
+    Works across processes: each process passes the same values (e.g. a model initialised
+    from the same seed) and supplies the shards of its own devices
+    (``jax.make_array_from_callback``). A value already on its sharding is kept as it is.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, s):
+        if isinstance(x, jax.Array) and x.sharding == s:
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def place_objects(objects: Any, mesh: Mesh, rules: Any) -> None:
+    """Moves the state of NNX objects (a model, an optimizer, or a tuple of them) onto ``mesh``
+    in place, each Variable by its logical axis names (:func:`state_shardings`)."""
+    state = nnx.state(objects)
+    nnx.update(objects, place(state, state_shardings(state, mesh, rules)))
+
+
 def batch_spec(global_shape: Sequence[int], mesh: Mesh, rules: Any) -> PartitionSpec:
     """Rows (dim 0) over the mesh axes of ``batch``; other dimensions replicated."""
     names = (BATCH,) + (None,) * (len(global_shape) - 1)

@@ -54,15 +54,28 @@ class Checkpointer:
       directory: folder for the step sub-folders (created if missing).
       max_to_keep: how many of the newest checkpoints survive.
       async_save: write in a background thread (Orbax's default); ``wait()`` joins it.
+      this_process_only: used by this process alone, with no barrier with the others of a
+        multi-process job (e.g. one process restoring a VAE to encode a dataset for all);
+        restores then go to this process's devices. By default every process of the job
+        takes part in each call, as training's sharded saves and restores need.
     """
 
-    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+                 this_process_only: bool = False):
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
+        multiprocessing, alone = ocp.options.MultiprocessingOptions(), False
+        if this_process_only and jax.process_count() > 1:
+            pi, alone = jax.process_index(), True
+            multiprocessing = ocp.options.MultiprocessingOptions(
+                primary_host=pi, active_processes={pi}, barrier_sync_key_prefix=f"process{pi}")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+            # Orbax creates the folder with a barrier of all processes; made above instead
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=not alone,
+            multiprocessing_options=multiprocessing,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._alone = alone
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None when there is none."""
@@ -90,12 +103,14 @@ class Checkpointer:
              data_state: dict[str, Any] | None = None):
         """Writes model parameters, optimizer state, JSON metadata and the input iterator's
         state (``data_state``: JSON-serialisable, e.g. ``grain.DatasetIterator.get_state()``)."""
+        # Orbax refuses device arrays of one process in a multi-process job: hand it host copies
+        values = jax.device_get if self._alone else (lambda tree: tree)
         items = {
-            "model": ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
+            "model": ocp.args.StandardSave(values(nnx.to_pure_dict(nnx.state(model)))),
             "meta": ocp.args.JsonSave(dict(meta, step=int(step))),
         }
         if optimizer is not None:
-            items["optimizer"] = ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer)))
+            items["optimizer"] = ocp.args.StandardSave(values(nnx.to_pure_dict(nnx.state(optimizer))))
         if data_state is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorState(data_state))
         self.manager.save(int(step), args=ocp.args.Composite(**items))

@@ -62,6 +62,10 @@ class TrainTask:
         the trained state is in the model and before the final checkpoint is written, so what
         it stores in the model's variables (e.g. latent statistics) is saved with it. Not
         called when a run resumes at its final step and so trains nothing.
+      tokens_per_step: tokens in one global batch (all processes), for the ``tokens_per_s``
+        metric; None: not reported.
+      flops_per_step: model FLOPs of one step over the global batch (3 x forward), for the
+        ``mfu`` metric (:mod:`sora_jax.train.throughput`); None: not reported.
     """
 
     name: str
@@ -72,6 +76,8 @@ class TrainTask:
     dataset: Any = None
     optimizer_fn: OptimizerFn | None = None
     on_finish: Callable[[nnx.Module], None] | None = None
+    tokens_per_step: float | None = None
+    flops_per_step: float | None = None
 
 
 class Preempted(RuntimeError):
@@ -98,6 +104,17 @@ class _SigtermFlag:
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+
+
+def _any_process(flag: bool) -> bool:
+    """True when ``flag`` is set on any process. Processes must agree on when to stop: one
+    that saved and stopped alone would leave the others waiting in the next step's collectives.
+    A host synchronisation per call, so only made when there are several processes."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _restore_latest(ckpt: Checkpointer, task: "TrainTask", optimizer) -> tuple[int, Any]:
@@ -256,7 +273,9 @@ class TrainStep:
                 self.state = jax.tree.map(
                     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, shardings)
             else:
-                self.state = jax.device_put(self.state, shardings)
+                from sora_jax.parallel.sharding import place
+
+                self.state = place(self.state, shardings)
             self._jit = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, None))
 
     def lower(self, batch: Batch):
@@ -309,8 +328,11 @@ def train(
 
     Returns:
       Summary dict: ``steps``, ``resumed_from``, ``final_loss``, ``final_metrics``, ``seconds``
-      ``steps_per_s`` (of this invocation) and ``train_step_compiles`` (traces of the step
-      function in this invocation: 1 when every batch had the same shapes).
+      ``steps_per_s`` (of this invocation), ``train_step_compiles`` (traces of the step
+      function in this invocation: 1 when every batch had the same shapes), ``compile_seconds``
+      (the invocation's first step), ``goodput`` and the last window's ``step_time`` and, where
+      the task gives them, ``tokens_per_s`` and ``mfu`` (see :mod:`sora_jax.train.throughput`;
+      also logged at every ``log_every`` as ``<name>/step_time`` etc.).
 
     Robustness: a step whose loss or gradient norm is not finite leaves the state unchanged
     (counted as the ``nonfinite`` metric and ``nonfinite_steps``); ``cfg.nonfinite_limit`` of
@@ -319,6 +341,13 @@ def train(
     the newest readable checkpoint is restored; unreadable newer ones are renamed
     ``<step>.corrupt``.
 
+    Several processes (``jax.distributed``) with a ``mesh``: every process runs this with the
+    same task and config and its own rows of each batch; the state is placed on ``mesh``
+    before the restore, every process writes its shards of each checkpoint, SIGTERM on any
+    process stops all of them at the same step, and only process 0 logs metrics and shows
+    progress. Without a ``mesh`` the run is process-local: call it on one process only
+    (:func:`sora_jax.parallel.distributed.main_process_first`).
+
     Raises:
       ValueError: the task has neither or both of ``batch_fn`` and ``dataset``, or a
         checkpoint to resume from lacks the iterator state a ``dataset`` task needs.
@@ -326,15 +355,37 @@ def train(
       Preempted: SIGTERM arrived; the checkpoint of the last completed step is on disk.
       RuntimeError: checkpoints exist but none can be read.
     """
+    from sora_jax.train.throughput import Throughput, peak_flops_per_device
+
+    main_process = jax.process_index() == 0
     tx, schedule = (task.optimizer_fn or make_optimizer)(cfg)
     optimizer = nnx.Optimizer(task.model, tx, wrt=nnx.Param)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep)
+    peak = None
+    if task.flops_per_step:
+        peak, peak_source = peak_flops_per_device(cfg.get("peak_flops_per_device"))
+        log.info("%s: peak %s FLOP/s per device (%s)", task.name,
+                 "unknown" if peak is None else f"{peak:.3g}", peak_source)
+    throughput = Throughput(task.tokens_per_step, task.flops_per_step,
+                            None if peak is None else peak * jax.device_count())
+    if mesh is not None:
+        # on the mesh before restoring, so the checkpoint restores straight into the shardings
+        # (each host reads its own shards) and every process's arrays are global ones
+        from sora_jax.parallel.axes import DEFAULT_RULES
+        from sora_jax.parallel.sharding import place_objects
+
+        rules = DEFAULT_RULES if rules is None else rules
+        place_objects((task.model, optimizer), mesh, rules)
+    # Several processes with a mesh train one model together; without one, the state is this
+    # process's own and so are its checkpoints (the others must not call train meanwhile).
+    collective = mesh is not None and jax.process_count() > 1
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
+                        this_process_only=not collective)
     try:
         start, data_state = _restore_latest(ckpt, task, optimizer)
     except BaseException:
         ckpt.close()
         raise
-    writer = MetricWriter(os.path.join(workdir, "logs"), enabled=jax.process_index() == 0)
+    writer = MetricWriter(os.path.join(workdir, "logs"), enabled=main_process)
 
     step = TrainStep(task.model, optimizer, task.loss_fn, schedule, cfg.seed, mesh=mesh, rules=rules)
     if mesh is not None:
@@ -345,9 +396,11 @@ def train(
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     batches = _Batches(task, start, data_state)
     pending = pool.submit(batches.next) if start < cfg.steps else None
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {task.name}", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {task.name}",
+               disable=not progress or not main_process, dynamic_ncols=True)
     t0, last_aux, window = time.time(), None, []
+    timed = {"steps": 0, "applied": 0, "overhead": 0.0}  # since the last throughput window
+    rates: dict[str, float] = {}
 
     sync_model = step.sync
     limit = int(cfg.get("nonfinite_limit", 10))
@@ -360,8 +413,15 @@ def train(
                     pending = pool.submit(batches.next)
                 window.append(step(batch, i))
                 done = i + 1
-                if done % cfg.log_every == 0 or done == cfg.steps or sigterm.is_set():
+                stop = _any_process(sigterm.is_set()) if collective else sigterm.is_set()
+                timed["steps"] += 1
+                if i == start or done % cfg.log_every == 0 or done == cfg.steps or stop:
+                    # a sync point: the first step alone (it holds the compile), then each log
                     host = jax.device_get(window)
+                    applied = sum(1 for a in host[len(host) - timed["steps"]:] if not a["nonfinite"])
+                    rates = throughput.window(timed["steps"], applied, timed["overhead"])
+                    timed.update(steps=0, overhead=0.0)
+                if done % cfg.log_every == 0 or done == cfg.steps or stop:
                     for a in host:  # consecutive skipped (non-finite) steps, across windows
                         nonfinite_run = nonfinite_run + 1 if a["nonfinite"] else 0
                         nonfinite_total += int(a["nonfinite"])
@@ -373,23 +433,26 @@ def train(
                     finite = [a for a in host if not a["nonfinite"]] or host
                     mean = {k: float(np.mean([a[k] for a in finite])) for k in host[-1]}
                     mean["nonfinite"] = float(sum(a["nonfinite"] for a in host))
+                    mean.update(rates)
                     writer.write_scalars(done, {f"{task.name}/{k}": v for k, v in mean.items()})
                     bar.set_postfix(loss=f"{mean['loss']:.4f}")
                     last_aux, window = mean, []
                 bar.update(1)
-                if sigterm.is_set() and done < cfg.steps:
+                if stop and done < cfg.steps:
                     sync_model()
                     ckpt.save(done, task.model, optimizer, task.meta, data_state)
                     ckpt.wait()
                     log.warning("%s: SIGTERM: saved step %d, stopping", task.name, done)
                     raise Preempted(task.name, done)
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    t_save = time.perf_counter()
                     sync_model()
                     if done == cfg.steps and task.on_finish is not None:
                         # Not guarded by an earlier save: a rerun resuming at the final step
                         # would skip on_finish and keep a checkpoint without what it stores.
                         task.on_finish(task.model)
                     ckpt.save(done, task.model, optimizer, task.meta, data_state)
+                    timed["overhead"] += time.perf_counter() - t_save
         # No sync after the loop: the last step already synced, and a second sync would undo
         # what on_finish stored in the model.
     finally:
@@ -406,6 +469,9 @@ def train(
         final_loss=(last_aux or {}).get("loss"),
         train_step_compiles=step.compiles,
         nonfinite_steps=nonfinite_total,
+        compile_seconds=throughput.compile_seconds,
+        goodput=throughput.goodput(),
+        **{k: v for k, v in rates.items() if k not in ("goodput", "compile_seconds")},
     )
     log.info("%s: %d train-step compilation(s) in this run", task.name, step.compiles)
     return summary
