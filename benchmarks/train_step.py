@@ -46,23 +46,6 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
-def measured_matmul_peak(n: int, repeats: int = 5) -> float:
-    """Best FLOP/s of a jitted float32 (n, n) @ (n, n) on the default device."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best
-
-
 def one_example_rows(rows: int, seq_len: int, text_len: int, in_dim: int, text_dim: int, seed: int = 0):
     """Packed rows holding one seq_len-token example each (a (t, 16, 16)-grid layout)."""
     import numpy as np
@@ -95,6 +78,7 @@ def main(argv=None) -> dict:
     from sora_jax.parallel.topologies import CHIPS
     from sora_jax.stages import build_dit, dit_in_dim
     from sora_jax.train.steps import dit_loss_fn
+    from sora_jax.train.throughput import measured_matmul_peak
     from sora_jax.train.trainer import TrainStep, make_optimizer
 
     cfg = config_lib.load_config(args.config)

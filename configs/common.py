@@ -23,6 +23,9 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
             # steps in a row with a non-finite loss or gradient (each skipped) before the run
             # stops; 0 = never
             nonfinite_limit=10,
+            # peak FLOP/s of one device for the MFU metric; 0 = the data-sheet table by device
+            # kind, or on CPU a matmul measured at start (sora_jax/train/throughput.py)
+            peak_flops_per_device=0.0,
         )
     )
     cfg.update(overrides)

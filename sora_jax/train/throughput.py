@@ -72,12 +72,14 @@ class Throughput:
       tokens_per_step: tokens trained per step over all processes (None: no tokens/s).
       flops_per_step: model FLOPs per step over all devices (None: no MFU).
       peak_flops: peak FLOP/s of all devices together (None: no MFU).
+      clock: seconds, monotonic (tests pass their own).
     """
 
     def __init__(self, tokens_per_step: float | None = None, flops_per_step: float | None = None,
-                 peak_flops: float | None = None):
+                 peak_flops: float | None = None, clock=time.perf_counter):
         self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
-        self.start = time.perf_counter()
+        self.clock = clock
+        self.start = clock()
         self.last = self.start
         self.productive = 0.0
         self.windows = 0
@@ -87,7 +89,7 @@ class Throughput:
         """Closes the window ending now; returns its metrics: ``goodput`` and, from the second
         window on, ``step_time`` (s) and where they can be computed ``tokens_per_s`` and ``mfu``;
         the first window gives ``compile_seconds`` instead."""
-        now = time.perf_counter()
+        now = self.clock()
         seconds, self.last = now - self.last, now
         self.windows += 1
         if self.windows == 1:
@@ -107,5 +109,5 @@ class Throughput:
 
     def goodput(self, now: float | None = None) -> float:
         """Productive step time / wall time since this object was made."""
-        wall = (now or time.perf_counter()) - self.start
+        wall = (self.clock() if now is None else now) - self.start
         return self.productive / wall if wall > 0 else 0.0
