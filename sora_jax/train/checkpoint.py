@@ -94,8 +94,12 @@ class Checkpointer:
         while os.path.exists(dst):
             n += 1
             dst = f"{src}.corrupt{n}"
-        if jax.process_index() == 0:
+        if self._alone or jax.process_index() == 0:
             os.rename(src, dst)
+        if not self._alone and jax.process_count() > 1:  # the others look only once it is moved
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"sora_jax:quarantine:{step}")
         self.manager.reload()
         return dst
 

@@ -399,7 +399,7 @@ def train(
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {task.name}",
                disable=not progress or not main_process, dynamic_ncols=True)
     t0, last_aux, window = time.time(), None, []
-    timed = {"steps": 0, "applied": 0, "overhead": 0.0}  # since the last throughput window
+    timed = {"steps": 0, "overhead": 0.0}  # since the last throughput window
     rates: dict[str, float] = {}
 
     sync_model = step.sync
