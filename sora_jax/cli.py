@@ -170,6 +170,7 @@ def run(argv: list[str] | None = None) -> int:
     from sora_jax import stages
     from sora_jax.config import ConfigError
     from sora_jax.modes import ModeError
+    from sora_jax.parallel.distributed import main_process_first
     from sora_jax.prompts import PromptRefused
     from sora_jax.train.trainer import Preempted
 
@@ -177,8 +178,6 @@ def run(argv: list[str] | None = None) -> int:
         cfg = _load(args, overrides)
         progress = not args.no_progress
         wd = args.workdir
-        from sora_jax.parallel.distributed import main_process_first
-
         if args.command == "prepare-data":
             out = stages.prepare_data(cfg, wd, progress)
         elif args.command == "train-vae":  # process-local work: on process 0 of a job

@@ -585,7 +585,6 @@ def dit_sources(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = T
     """
     from data_pipelines.records import read_dataset
     from sora_jax.data.pipeline import mixed_source
-
     from sora_jax.parallel.distributed import main_process_first
 
     pi, pc = jax.process_index(), jax.process_count()
@@ -625,13 +624,19 @@ def dit_sources(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = T
 
 
 def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
-    """Trains the DiT with rectified flow on NaViT-packed batches (encoding latents if needed)."""
-    from sora_jax.data.pipeline import packed_dataset
-    from sora_jax.train.steps import dit_loss_fn
-    from sora_jax.train.trainer import TrainTask, train
+    """Trains the DiT with rectified flow on NaViT-packed batches (encoding latents if needed).
 
+    On several processes every process calls this: process 0 encodes the latents while the
+    others wait, then each trains on its own shard of them over the config's ``mesh``.
+
+    Raises:
+      StageError: several processes and no ``mesh`` section; see also :func:`dit_sources`.
+    """
+    from sora_jax.data.pipeline import packed_dataset
     from sora_jax.model_info import model_info
     from sora_jax.parallel.distributed import main_process_first
+    from sora_jax.train.steps import dit_loss_fn
+    from sora_jax.train.trainer import TrainTask, train
 
     main_process_first(lambda: save_config(cfg, workdir), "save_config")
     source, text_table = dit_sources(cfg, workdir, progress)

@@ -162,7 +162,7 @@ def mixed_source(datasets: Sequence[grain.MapDataset], weights: Sequence[float] 
 def packed_dataset(source: grain.MapDataset, cfg: ml_collections.ConfigDict,
                    patch: Sequence[int], seed: int,
                    text_table: tuple[np.ndarray, np.ndarray] | None = None,
-                  process_count: int = 1) -> grain.IterDataset:
+                   process_count: int = 1) -> grain.IterDataset:
     """Infinite Grain pipeline of NaViT-packed DiT batches (DESIGN.md's packed format).
 
     source -> shuffle (a new permutation every epoch) -> repeat -> :class:`NaViTExample`
