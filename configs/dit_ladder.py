@@ -2,8 +2,8 @@
 
 Shapes (hidden, depth, heads): S 384/12/6, B 768/12/12, L 1024/24/16, XL 1152/28/16;
 ``wan-1.3b`` 1536/30/12 with MLP 8960, ``wan-14b`` 5120/40/40 with MLP 13824 (Wan 2.1's
-transformer shapes; our text encoder and per-block adaLN-Zero stay, so parameter counts are
-not Wan's). Patch 1x2x2 over the 16-channel latents of ``configs/vae_4x8x8_c16.py``.
+transformer shapes, with its shared timestep modulation: ``dit.adaln = "single"``; our text
+encoder stays). Patch 1x2x2 over the 16-channel latents of ``configs/vae_4x8x8_c16.py``.
 
 Append ``-class`` (``configs/dit_ladder.py:XL-class``) for the class-conditional variant of
 the DiT paper: 1000-class label embedding instead of text cross-attention, fixed sin-cos
@@ -23,8 +23,9 @@ SIZES = {
     "B": dict(hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0),
     "L": dict(hidden_size=1024, depth=24, num_heads=16, mlp_ratio=4.0),
     "XL": dict(hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0),
-    "wan-1.3b": dict(hidden_size=1536, depth=30, num_heads=12, mlp_ratio=8960 / 1536),
-    "wan-14b": dict(hidden_size=5120, depth=40, num_heads=40, mlp_ratio=13824 / 5120),
+    # Wan 2.1 shares one timestep-modulation MLP across blocks: adaLN-single
+    "wan-1.3b": dict(hidden_size=1536, depth=30, num_heads=12, mlp_ratio=8960 / 1536, adaln="single"),
+    "wan-14b": dict(hidden_size=5120, depth=40, num_heads=40, mlp_ratio=13824 / 5120, adaln="single"),
 }
 
 

@@ -102,6 +102,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         qk_norm=True,
         text_dim=384,
         attention_backend="xla",
+        # "per_block": adaLN-Zero with a modulation Linear per block (DiT); "single": one shared
+        # Linear plus a per-block table (PixArt-alpha's adaLN-single, Wan's shared timestep MLP)
+        adaln="per_block",
     )
     c.flow = dict(
         logit_mean=0.0,

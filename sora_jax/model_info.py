@@ -91,7 +91,8 @@ def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False,
     model = nnx.eval_shape(lambda: build_dit(cfg))
     params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
     kw = {k: d[k] for k in ("hidden_size", "depth", "num_heads")}
-    kw.update(mlp_ratio=d.get("mlp_ratio", 4.0), text_dim=d.get("text_dim", 384))
+    kw.update(mlp_ratio=d.get("mlp_ratio", 4.0), text_dim=d.get("text_dim", 384),
+              adaln=d.get("adaln", "per_block"))
     analytic = dit_param_count_analytic(in_dim=in_dim, qk_norm=d.get("qk_norm", True),
                                         num_classes=d.get("num_classes", 0), **kw)
     kw.pop("num_heads")
@@ -100,7 +101,8 @@ def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False,
     info = {"name": cfg.get("name", ""), "params": params, "params_analytic": analytic,
             "flops_per_token": flops, "train_flops_per_token": 3 * flops, "seq_len": seq_len,
             "text_len": text_len, "in_dim": in_dim, "hidden_size": d.hidden_size, "depth": d.depth,
-            "num_heads": d.num_heads, "num_classes": int(d.get("num_classes", 0))}
+            "num_heads": d.num_heads, "num_classes": int(d.get("num_classes", 0)),
+            "adaln": d.get("adaln", "per_block")}
     if xla:
         per_token = xla_forward_flops(cfg, seq_len, text_len) / seq_len
         info.update(flops_per_token_xla=per_token, xla_over_analytic=per_token / flops)

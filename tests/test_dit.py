@@ -251,12 +251,13 @@ def test_packed_equals_unpacked_for_random_shapes(tiny_dit_randomized, shapes, s
         np.testing.assert_allclose(out[p.start:p.start + p.n], ref, rtol=1e-5, atol=1e-5)
 
 
-def test_scanned_layers_equal_the_unrolled_loop():
+@pytest.mark.parametrize("adaln", ["per_block", "single"])
+def test_scanned_layers_equal_the_unrolled_loop(adaln):
     """scan_layers stacks the blocks on a leading axis; with the same weights the scanned
     (and rematerialised) model computes what the plain loop computes, gradients included."""
     import jax
 
-    kw = dict(in_dim=8, hidden_size=32, depth=3, num_heads=4, text_dim=16)
+    kw = dict(in_dim=8, hidden_size=32, depth=3, num_heads=4, text_dim=16, adaln=adaln)
     scanned = DiT(scan_layers=True, remat=True, rngs=nnx.Rngs(0), **kw)
     plain = DiT(scan_layers=False, rngs=nnx.Rngs(0), **kw)
     s_state = nnx.state(scanned, nnx.Param)
@@ -287,5 +288,8 @@ def test_scanned_layers_equal_the_unrolled_loop():
     for i in range(3):
         np.testing.assert_allclose(gs["blocks"]["mlp"]["fc1"]["kernel"][i],
                                    gp["blocks"][i]["mlp"]["fc1"]["kernel"], atol=1e-5)
+    if adaln == "single":  # every block's table and the shared Linear get gradients
+        assert np.all(np.abs(np.asarray(gs["blocks"]["modulation"])).sum(axis=(1, 2)) > 0)
+        assert float(np.abs(np.asarray(gs["t_modulation"]["kernel"])).sum()) > 0
     with pytest.raises(ValueError, match="remat_policy"):
         DiT(remat_policy="sometimes", rngs=nnx.Rngs(0), **kw)

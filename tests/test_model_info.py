@@ -26,6 +26,8 @@ def test_class_conditional_ladder_matches_the_dit_paper(size):
     dict(hidden_size=48, depth=3, num_heads=3, qk_norm=False, mlp_ratio=2.5),
     dict(hidden_size=64, depth=2, num_heads=4, num_classes=10, pos_embed="sincos", qk_norm=False),
     dict(hidden_size=96, depth=1, num_heads=2, mlp_ratio=8960 / 1536),
+    dict(hidden_size=64, depth=3, num_heads=4, adaln="single"),
+    dict(hidden_size=64, depth=2, num_heads=4, num_classes=10, adaln="single"),
 ])
 def test_closed_form_parameter_count_is_exact(kw):
     model = nnx.eval_shape(lambda: DiT(in_dim=12, rngs=nnx.Rngs(0), **kw))
@@ -33,10 +35,10 @@ def test_closed_form_parameter_count_is_exact(kw):
     assert counted == dit_param_count_analytic(in_dim=12, **kw)
 
 
-@pytest.mark.parametrize("variant", ["", "-class"])
-def test_analytic_flops_agree_with_xla_cost_analysis(variant):
+@pytest.mark.parametrize("variant, adaln", [("", "per_block"), ("-class", "per_block"), ("", "single")])
+def test_analytic_flops_agree_with_xla_cost_analysis(variant, adaln):
     cfg = config_lib.load_config(f"configs/dit_ladder.py:S{variant}")
-    cfg.dit.update(hidden_size=128, depth=2, num_heads=4)
+    cfg.dit.update(hidden_size=128, depth=2, num_heads=4, adaln=adaln)
     info = model_info(cfg, xla=True)
     # matmuls are nearly all of it; XLA adds the elementwise work (norms, softmax, GELU)
     assert 1.0 <= info["xla_over_analytic"] < 1.06
@@ -45,6 +47,11 @@ def test_analytic_flops_agree_with_xla_cost_analysis(variant):
 def test_wan_shaped_configs():
     info = model_info(config_lib.load_config("configs/dit_ladder.py:wan-1.3b"))
     assert (info["hidden_size"], info["depth"], info["num_heads"]) == (1536, 30, 12)
+    # shared timestep modulation (adaLN-single), as Wan: per-block adaLN would add 6 h^2 x 30
+    assert info["adaln"] == "single" and 1.3e9 <= info["params"] < 1.5e9
+    big = model_info(config_lib.load_config("configs/dit_ladder.py:wan-14b"))
+    assert (big["hidden_size"], big["depth"], big["num_heads"]) == (5120, 40, 40)
+    assert 14e9 <= big["params"] < 14.5e9
     model_cfg = config_lib.load_config("configs/dit_ladder.py:wan-14b")
     assert round(model_cfg.dit.hidden_size * model_cfg.dit.mlp_ratio) == 13824
     with pytest.raises(ValueError, match="unknown DiT size"):

@@ -11,6 +11,8 @@ text cross-attention of PixArt-alpha / Wan 2.1 and the 3D RoPE + QK-norm of Open
       x += CrossAttn(LN_affine(x), text)                         same-segment text + null
       x += gate2 * MLP(modulate(LN(x), shift2, scale2))
       (shift, scale, gate) x 2 = Linear_zero(SiLU(c))            adaLN-Zero, per token
+                                 (adaln="single": one shared Linear_zero(SiLU(c)) + a
+                                  learned per-block table, PixArt-alpha's adaLN-single)
   out = Linear_zero(modulate(LN(x), shift, scale))               (B, L, in_dim) velocity
 
 Everything but attention acts per token, and attention is masked to the token's own
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sora_jax.parallel.context import attention as context_attention
-from sora_jax.parallel.axes import BATCH, EMBED, HEADS, IN_FEATURES, LAYERS, LENGTH, NORM
+from sora_jax.parallel.axes import BATCH, EMBED, HEADS, IN_FEATURES, LAYERS, LENGTH, MLP as MLP_AXIS, NORM
 from sora_jax.parallel.sharding import constrain, partitioned
 from sora_jax.models.layers import (MLP, AdaLNModulation, RMSNorm, TimestepEmbedder,
                                     apply_rope, default_rope_axes_dims, dense, layer_norm,
@@ -119,12 +121,14 @@ class DiTBlock(nnx.Module):
     and MLP branches, whose gates are zero-initialised (Peebles & Xie 2023 §3.2).
 
     Call: x (B, L, hidden), c (B, L, hidden), cos/sin (B, L, Dh), segment_ids (B, L),
-    text (B, Lt, hidden), text_segment_ids (B, Lt) -> (B, L, hidden).
+    text (B, Lt, hidden), text_segment_ids (B, Lt) -> (B, L, hidden). With
+    ``shared_adaln``, c is instead the shared modulation (B, L, 6 * hidden), to which the
+    block adds its own learned (6, hidden) table (zero-initialised, so gates start at 0).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, mlp_ratio: float = 4.0,
                  qk_norm: bool = True, cross_attention: bool = True, backend: str = "xla",
-                 rngs: nnx.Rngs, dtype=None):
+                 shared_adaln: bool = False, rngs: nnx.Rngs, dtype=None):
         self.norm1 = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
         self.attn = SelfAttention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend,
                                   rngs=rngs, dtype=dtype)
@@ -136,10 +140,20 @@ class DiTBlock(nnx.Module):
             self.norm_cross = self.cross_attn = None
         self.norm2 = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
         self.mlp = MLP(hidden_size, mlp_width(hidden_size, mlp_ratio), rngs=rngs, dtype=dtype)
-        self.adaln = AdaLNModulation(hidden_size, hidden_size, 6, rngs=rngs, dtype=dtype)
+        if shared_adaln:
+            self.adaln = None
+            self.modulation = nnx.Param(
+                partitioned(nnx.initializers.zeros, (None, NORM))(rngs.params(), (6, hidden_size), jnp.float32))
+        else:
+            self.adaln = AdaLNModulation(hidden_size, hidden_size, 6, rngs=rngs, dtype=dtype)
+            self.modulation = None
 
     def __call__(self, x, c, cos, sin, segment_ids, text, text_segment_ids):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c)
+        if self.adaln is not None:
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c)
+        else:
+            table = self.modulation[...].reshape(-1).astype(c.dtype)
+            shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(c + table, 6, axis=-1)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin,
                                   segment_ids)
         if self.cross_attn is not None:
@@ -232,6 +246,11 @@ class DiT(nnx.Module):
         embedding, and no cross-attention or text projections.
       pos_embed: "rope" (3D RoPE in every self-attention) or "sincos" (fixed 3D sin-cos
         positions added to the patch embedding, as the DiT paper's 2D ones).
+      adaln: "per_block" (adaLN-Zero of Peebles & Xie: each block maps c to its 6
+        modulations with its own Linear, 6 h^2 parameters per block) or "single"
+        (adaLN-single of PixArt-alpha, Chen et al. 2023 §2.3, as Wan 2.1's shared timestep
+        MLP: one Linear_zero(SiLU(c)) -> 6 h for all blocks, plus a learned (6, h) table per
+        block; zero-initialised, so every block still starts as the identity).
       rngs: NNX random streams.
 
     Text conditioning: text states are mapped to model width by an MLP (PixArt-alpha's
@@ -250,7 +269,9 @@ class DiT(nnx.Module):
                  rope_axes_dims: Sequence[int] | None = None, rope_theta: float = 10000.0,
                  attention_backend: str = "xla", remat: bool = False, dtype=None,
                  num_classes: int = 0, pos_embed: str = "rope", scan_layers: bool = False,
-                 remat_policy: str = "nothing_saveable", rngs: nnx.Rngs):
+                 remat_policy: str = "nothing_saveable", adaln: str = "per_block", rngs: nnx.Rngs):
+        if adaln not in ("per_block", "single"):
+            raise ValueError(f"adaln must be 'per_block' or 'single', got {adaln!r}")
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
         if pos_embed not in ("rope", "sincos"):
@@ -268,7 +289,7 @@ class DiT(nnx.Module):
         self.num_heads, self.text_dim = num_heads, text_dim
         self.rope_axes_dims, self.rope_theta = axes, rope_theta
         self.remat, self.remat_policy, self.scan_layers = remat, remat_policy, scan_layers
-        self.num_classes, self.pos_embed = num_classes, pos_embed
+        self.num_classes, self.pos_embed, self.adaln = num_classes, pos_embed, adaln
         self.x_embed = dense(in_dim, hidden_size, dtype=dtype, rngs=rngs, axes=(IN_FEATURES, EMBED))
         # Added to the embedding of clean context tokens (sora_jax.diffusion.conditioning): t = 0
         # alone would not tell a given frame from a fully denoised guess of the model's own.
@@ -288,8 +309,12 @@ class DiT(nnx.Module):
                                            axes=(IN_FEATURES, EMBED))
         def make_block(rngs):
             return DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm,
-                            cross_attention=not num_classes, backend=attention_backend, rngs=rngs,
-                            dtype=dtype)
+                            cross_attention=not num_classes, backend=attention_backend,
+                            shared_adaln=adaln == "single", rngs=rngs, dtype=dtype)
+
+        # adaLN-single: the one Linear every block's modulation comes from (zero: gates start at 0)
+        self.t_modulation = (dense(hidden_size, 6 * hidden_size, zero=True, dtype=dtype, rngs=rngs,
+                                   axes=(EMBED, MLP_AXIS)) if adaln == "single" else None)
 
         if scan_layers:
             # One block whose parameters carry a leading (depth,) axis, run with nnx.scan: the
@@ -308,7 +333,7 @@ class DiT(nnx.Module):
 
         Required fields: hidden_size, depth, num_heads. Optional: mlp_ratio, qk_norm,
         text_dim, attention_backend, rope_axes_dims, rope_theta, remat, remat_policy,
-        scan_layers, num_classes, pos_embed, dtype (compute dtype of the matmuls, e.g. "bfloat16"; parameters and optimizer state
+        scan_layers, num_classes, pos_embed, adaln, dtype (compute dtype of the matmuls, e.g. "bfloat16"; parameters and optimizer state
         stay float32: mixed precision with fp32 master weights).
         """
         get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
@@ -322,6 +347,7 @@ class DiT(nnx.Module):
                    remat=get("remat", False), num_classes=get("num_classes", 0),
                    pos_embed=get("pos_embed", "rope"), scan_layers=get("scan_layers", False),
                    remat_policy=get("remat_policy", "nothing_saveable"),
+                   adaln=get("adaln", "per_block"),
                    dtype=jnp.dtype(get("dtype", None) or "float32"), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
@@ -375,10 +401,12 @@ class DiT(nnx.Module):
             cos = sin = None
         else:
             cos, sin = rope_cos_sin(positions, self.rope_axes_dims, self.rope_theta)
+        # what the blocks modulate from: c itself, or (adaLN-single) its shared projection
+        mod = c if self.t_modulation is None else constrain(self.t_modulation(jax.nn.silu(c)), token_axes)
         policy = REMAT_POLICIES[self.remat_policy]
         if self.scan_layers:
             def layer(x, block):
-                return constrain(block(x, c, cos, sin, segment_ids, ctx, text_segment_ids), token_axes)
+                return constrain(block(x, mod, cos, sin, segment_ids, ctx, text_segment_ids), token_axes)
 
             if self.remat:
                 layer = nnx.remat(layer, policy=policy)
@@ -386,7 +414,7 @@ class DiT(nnx.Module):
                          transform_metadata={nnx.PARTITION_NAME: LAYERS})(x, self.blocks)
         else:
             for block in self.blocks:
-                args = (x, c, cos, sin, segment_ids, ctx, text_segment_ids)
+                args = (x, mod, cos, sin, segment_ids, ctx, text_segment_ids)
                 x = (nnx.remat(_apply_block, policy=policy)(block, *args) if self.remat
                      else block(*args))
                 x = constrain(x, token_axes)
@@ -400,7 +428,7 @@ def dit_param_count(model: nnx.Module) -> int:
 
 def dit_param_count_analytic(*, in_dim: int, hidden_size: int, depth: int, num_heads: int,
                              mlp_ratio: float = 4.0, text_dim: int = 384, qk_norm: bool = True,
-                             num_classes: int = 0, **_unused) -> int:
+                             num_classes: int = 0, adaln: str = "per_block", **_unused) -> int:
     """Parameters of :class:`DiT` in closed form (equals :func:`dit_param_count` exactly).
 
     Per block: self-attention qkv + out (4h^2 + 4h), MLP (2hm + m + h), adaLN-Zero
@@ -408,13 +436,18 @@ def dit_param_count_analytic(*, in_dim: int, hidden_size: int, depth: int, num_h
     a null token h, a LayerNorm 2h, QK-norm 2 h/heads). Outside: patch embedding, context
     flag h, timestep MLP (256h + h^2 + 2h), final adaLN (2h^2 + 2h) and linear, plus the text
     projections (text models) or the (num_classes + 1) x h label table (class models).
+    ``adaln="single"``: per block a (6, h) table instead of the adaLN Linear, and one shared
+    Linear (6h^2 + 6h).
     """
     h, m, hd = hidden_size, mlp_width(hidden_size, mlp_ratio), hidden_size // num_heads
     norm = 2 * hd if qk_norm else 0
-    block = 4 * h * h + 4 * h + 2 * h * m + m + h + 6 * h * h + 6 * h + norm
+    modulation = 6 * h if adaln == "single" else 6 * h * h + 6 * h
+    block = 4 * h * h + 4 * h + 2 * h * m + m + h + modulation + norm
     if not num_classes:
         block += 4 * h * h + 4 * h + h + 2 * h + norm
     outer = in_dim * h + h + h + (256 * h + h + h * h + h) + (2 * h * h + 2 * h) + (h * in_dim + in_dim)
+    if adaln == "single":
+        outer += 6 * h * h + 6 * h
     if num_classes:
         outer += (num_classes + 1) * h
     else:
@@ -424,7 +457,7 @@ def dit_param_count_analytic(*, in_dim: int, hidden_size: int, depth: int, num_h
 
 def dit_flops_per_token(*, in_dim: int, hidden_size: int, depth: int, mlp_ratio: float = 4.0,
                         text_dim: int = 384, seq_len: int, text_len: int,
-                        cross_attention: bool = True) -> float:
+                        cross_attention: bool = True, adaln: str = "per_block") -> float:
     """Analytic forward FLOPs per latent token (2 per multiply-add; matmuls only).
 
     Counts the patch / timestep / pooled-text embeddings, per block the qkv, self-attention
@@ -433,13 +466,15 @@ def dit_flops_per_token(*, in_dim: int, hidden_size: int, depth: int, mlp_ratio:
     projection, cross-attention q / out (per token) and its k/v + text MLP over
     ``text_len`` tokens amortised over ``seq_len``, the MLP and adaLN, and the final layer.
     ``cross_attention=False`` (class-conditional models) drops the text terms. Training
-    costs about 3x this (forward + backward), 4x with remat.
+    costs about 3x this (forward + backward), 4x with remat. ``adaln="single"`` computes the
+    modulation Linear once instead of per block.
     """
     h, m = hidden_size, mlp_width(hidden_size, mlp_ratio)
+    adaln_flops = 2 * h * 6 * h
     per_block = (2 * h * 3 * h + 2 * 2 * seq_len * h + 2 * h * h  # self-attention
                  + 2 * 2 * h * m  # MLP
-                 + 2 * h * 6 * h)  # adaLN
-    embed = 2 * in_dim * h + 2 * (256 * h + h * h)
+                 + (0 if adaln == "single" else adaln_flops))
+    embed = 2 * in_dim * h + 2 * (256 * h + h * h) + (adaln_flops if adaln == "single" else 0)
     if cross_attention:
         per_block += 2 * h * h + 2 * 2 * (text_len + 1) * h + 2 * h * h  # cross q, scores, out
         per_block += 2 * (text_len + 1) * h * 2 * h / seq_len  # cross k/v, amortised
