@@ -113,3 +113,25 @@ def test_quickstart_runs_on_two_processes(tmp_path):
     dit = tmp_path / "run" / "dit" / "checkpoints"
     last = max(int(p.name) for p in dit.iterdir() if p.name.isdigit())
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= {p.name for p in (dit / str(last) / "model").iterdir()}
+
+
+@pytest.mark.slow
+def test_resume_on_a_mesh_is_bitwise_exact(tmp_path):
+    """One process, FSDP over 4 devices: preempted after its second checkpoint and rerun, the
+    per-step losses equal an uninterrupted run's bit for bit."""
+    _one_process(tmp_path / "ref", 8)
+    run = tmp_path / "run"
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:  # a file, not a pipe: the worker's logs must never block it
+        proc = subprocess.Popen([sys.executable, *WORKER, str(run), "8", "0.5"], cwd=REPO, env=env,
+                                stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "2").is_dir():
+        assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    _one_process(run, 8)
+    assert 2 <= json.loads((run / "summary.json").read_text())["resumed_from"] < 8
+    assert _losses(run) == _losses(tmp_path / "ref")  # exact
