@@ -643,7 +643,21 @@ def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     t = cfg.dit_train
     dataset = packed_dataset(source, t, tuple(cfg.dit.patch), t.seed, text_table=text_table,
                              process_count=jax.process_count())
-    dit = build_dit(cfg)
+    mesh, rules = None, None
+    if cfg.get("mesh") is not None:
+        from sora_jax.parallel.mesh import create_mesh
+        from sora_jax.parallel.sharding import create_sharded
+
+        mesh, rules = create_mesh(cfg.mesh), cfg.mesh.rules
+        # Over several devices the parameters are made on their shards (a big model never
+        # whole on one host); on one device the eager build is kept, as earlier runs made it
+        # (the jitted initialisers round a few values differently, by ~1e-8).
+        dit = create_sharded(lambda: build_dit(cfg), mesh, rules) if mesh.size > 1 else build_dit(cfg)
+    elif jax.process_count() > 1:
+        raise StageError("train-dit on several processes needs a 'mesh' config section "
+                         "(configs/common.py mesh_section) to shard the batch over them")
+    else:
+        dit = build_dit(cfg)
     # model FLOPs of a step for MFU: every row position is counted (padding included), and
     # attention over the whole row, as the packed step computes it
     tokens = int(t.batch_size) * int(t.row_length)
@@ -651,14 +665,6 @@ def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     task = TrainTask("dit", dit, dit_loss_fn(cfg.flow, cfg.get("conditioning")), None,
                      meta={"config": config_lib.to_json(cfg)}, dataset=dataset,
                      tokens_per_step=tokens, flops_per_step=flops)
-    mesh, rules = None, None
-    if cfg.get("mesh") is not None:
-        from sora_jax.parallel.mesh import create_mesh
-
-        mesh, rules = create_mesh(cfg.mesh), cfg.mesh.rules
-    elif jax.process_count() > 1:
-        raise StageError("train-dit on several processes needs a 'mesh' config section "
-                         "(configs/common.py mesh_section) to shard the batch over them")
     summary = train(task, cfg.dit_train, paths(workdir)["dit"], progress=progress, mesh=mesh,
                     rules=rules)
     if not str(cfg.dit_train.data).strip():

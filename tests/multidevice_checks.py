@@ -115,6 +115,24 @@ def context_attention_checks() -> dict:
     return out
 
 
+def create_sharded_check() -> dict:
+    """A scanned DiT initialised on its shards (fsdp 4 x tensor 2) vs. the eager build."""
+    from sora_jax.parallel.axes import DEFAULT_RULES
+    from sora_jax.parallel.sharding import create_sharded
+
+    def build():
+        return DiT(in_dim=16, hidden_size=64, depth=2, num_heads=4, text_dim=32, scan_layers=True,
+                   rngs=nnx.Rngs(0))
+
+    mesh = create_mesh(dict(ici=dict(fsdp=4, tensor=2)))
+    sharded, eager = create_sharded(build, mesh, DEFAULT_RULES), build()
+    pairs = list(zip(jax.tree.leaves(nnx.state(sharded, nnx.Param)), jax.tree.leaves(nnx.state(eager, nnx.Param))))
+    kernel = sharded.blocks.mlp.fc1.kernel.get_value()
+    return {"max_diff": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs),
+            "fc1_spec": str(kernel.sharding.spec),
+            "fc1_shard_shape": list(kernel.addressable_shards[0].data.shape)}
+
+
 def main():
     ref = run(None)
     result = {"devices": jax.device_count(), "reference_losses": ref["losses"], "meshes": {},
@@ -131,6 +149,7 @@ def main():
         "reference_losses": ref_scan["losses"], "losses": got["losses"], "fc1_spec": got["fc1_spec"],
         "max_param_diff": max(float(np.max(np.abs(got["params"][k] - ref_scan["params"][k])))
                               for k in ref_scan["params"])}
+    result["create_sharded"] = create_sharded_check()
     json.dump(result, sys.stdout)
 
 

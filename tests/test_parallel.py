@@ -57,6 +57,13 @@ def test_parameters_are_sharded_by_their_logical_names(multidevice):
     assert m["fsdp8"]["param_fraction"] < 1 / 8 + 0.05
 
 
+def test_create_sharded_makes_the_eager_values_on_their_shards(multidevice):
+    got = multidevice["create_sharded"]
+    assert got["max_diff"] < 1e-6  # the jitted initialisers round like the eager ones, nearly
+    assert got["fc1_spec"] == "P(None, 'fsdp', 'tensor')"
+    assert got["fc1_shard_shape"] == [2, 16, 128]  # (layers, 64 / fsdp 4, 256 / tensor 2)
+
+
 def test_context_parallel_attention_equals_one_device(multidevice):
     cp = multidevice["context_attention"]
     for name, got in cp.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -125,6 +125,21 @@ def place(tree: Any, shardings: Any) -> Any:
         return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
 
     return jax.tree.map(one, tree, shardings)
+
+
+def create_sharded(build: Callable[[], Any], mesh: Mesh, rules: Any) -> Any:
+    """Builds an NNX module (``build()``) with every value created on its own shards.
+
+    The initialisation runs under ``jax.jit`` with ``out_shardings`` from the parameters'
+    logical axis names (:func:`state_shardings`), so no host or device ever holds the whole
+    model: how a 14B-parameter model starts on a pod. Every process calls it alike. The
+    values are those ``build()`` makes eagerly, up to the compiler's floating-point rounding
+    of the initialisers.
+    """
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
+    shardings = state_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
 
 
 def place_objects(objects: Any, mesh: Mesh, rules: Any) -> None:
