@@ -169,7 +169,8 @@ def packed_dataset(source: grain.MapDataset, cfg: ml_collections.ConfigDict,
     (random map: its generator is a function of ``seed`` and the element index, so every
     draw is reproducible) -> ``grain.experimental.FirstFitPackIterDataset`` (rows of
     ``row_length`` latent and ``text_length`` text tokens, at most ``max_examples_per_row``
-    examples each, ``packing_bins`` rows filled at once) -> batch of ``batch_size`` rows.
+    examples each, ``packing_bins`` rows filled at once) -> batch of this process's
+    ``batch_size // process_count`` rows.
 
     Iterate with ``it = iter(ds)``; ``it.get_state()`` / ``it.set_state(state)`` checkpoint
     and restore the exact position (used by the trainer).

@@ -109,9 +109,8 @@ class _SigtermFlag:
 def _any_process(flag: bool) -> bool:
     """True when ``flag`` is set on any process. Processes must agree on when to stop: one
     that saved and stopped alone would leave the others waiting in the next step's collectives.
-    A host synchronisation per call, so only made when there are several processes."""
-    if jax.process_count() == 1:
-        return flag
+    A host synchronisation per call: the loop makes it only when several processes train
+    together."""
     from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
