@@ -38,9 +38,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     from sora_jax import config as config_lib
-    from sora_jax.generate import Generator
-    from sora_jax.modes import run_mode
-    from sora_jax.stages import paths
+    from sora_jax.inference.generate import Generator
+    from sora_jax.inference.modes import run_mode
+    from sora_jax.train.run_folder import paths
 
     cfg = config_lib.from_json(open(paths(args.workdir)["config"]).read())
     gen = Generator(cfg, args.workdir)

@@ -40,10 +40,10 @@ def main(argv=None) -> dict:
     from flax import nnx
 
     from sora_jax import config as config_lib
-    from sora_jax.parallel.aot import compile_dit_train_step
+    from sora_jax.train.aot import compile_dit_train_step
     from sora_jax.parallel.mesh import create_mesh
     from sora_jax.parallel.sharding import param_bytes_per_device, state_shardings
-    from sora_jax.stages import build_dit
+    from sora_jax.models.factory import build_dit
 
     cfg = config_lib.load_config(args.config)
     cfg.dit.remat = True

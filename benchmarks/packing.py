@@ -37,7 +37,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs.common import packing_section, train_section  # noqa: E402
+from sora_jax.configs.common import packing_section, train_section  # noqa: E402
 from sora_jax.data.packing import pack  # noqa: E402
 from sora_jax.data.pipeline import NaViTExample, packed_dataset  # noqa: E402
 from sora_jax.models.dit import DiT  # noqa: E402

@@ -37,7 +37,7 @@ def _time_step(model, loss_fn, batch, steps, train_cfg, optimizer_fn=None, first
 def main():
     from sora_jax import config as config_lib
     from sora_jax.models.vae_gan import build_vae_train_model
-    from sora_jax.stages import build_dit, build_vae, dit_in_dim
+    from sora_jax.models.factory import build_dit, build_vae, dit_in_dim
     from sora_jax.train.steps import dit_loss_fn, vae_loss_fn, vae_optimizer_fn
 
     p = argparse.ArgumentParser()

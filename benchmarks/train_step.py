@@ -73,10 +73,10 @@ def main(argv=None) -> dict:
     from flax import nnx
 
     from sora_jax import config as config_lib
-    from sora_jax.model_info import model_info
+    from sora_jax.models.info import model_info
     from sora_jax.parallel.mesh import create_mesh, describe
     from sora_jax.parallel.topologies import CHIPS
-    from sora_jax.stages import build_dit, dit_in_dim
+    from sora_jax.models.factory import build_dit, dit_in_dim
     from sora_jax.train.steps import dit_loss_fn
     from sora_jax.train.throughput import measured_matmul_peak
     from sora_jax.train.trainer import TrainStep, make_optimizer

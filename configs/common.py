@@ -1,4 +1,4 @@
-"""Config pieces shared by every run config (importable as ``configs.common``)."""
+"""Config pieces shared by every run config (importable as ``sora_jax.configs.common``)."""
 
 import ml_collections
 

@@ -10,7 +10,7 @@ HunyuanVideo / CogVideoX shape); DiT width 768, depth 12, 12 heads over (1, 2, 2
 
 import ml_collections
 
-from configs import quickstart
+from sora_jax.configs import quickstart
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -16,7 +16,7 @@ paper's 33M / 130M / 458M / 675M (``tests/test_model_info.py``).
 
 import ml_collections
 
-from configs import quickstart
+from sora_jax.configs import quickstart
 
 SIZES = {
     "S": dict(hidden_size=384, depth=12, num_heads=6, mlp_ratio=4.0),

@@ -26,7 +26,7 @@ steps. Sample quality of this config has not been measured yet.
 
 import ml_collections
 
-from configs import quickstart, tiny
+from sora_jax.configs import quickstart, tiny
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

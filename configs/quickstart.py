@@ -11,7 +11,7 @@ DiT of width 128 and depth 4 over (1, 2, 2) latent patches. Step counts are set 
 
 import ml_collections
 
-from configs.common import mesh_section, packing_section, train_section
+from sora_jax.configs.common import mesh_section, packing_section, train_section
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -32,6 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         two_digit_prob=0.15,
         clip_sizes=((32, 32), (32, 48)),
         clip_durations=(1, 9),
+        speed_range=(1, 3),  # Moving MNIST pixels per frame
+        mnist_fps=8.0,
+        photo_fraction=0.2,  # of the real clips datasets: photo crops, the rest video crops
+        clip_scale_range=(2.0, 8.0),  # spatial downscale of real crops
         num_shards=2,
     )
 
@@ -81,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch=8,
     )
 
-    # How encode / decode run after training (sora_jax.latents.VAECodec): 0 = one pass per
+    # How encode / decode run after training (sora_jax.inference.latents.VAECodec): 0 = one pass per
     # video; chunk = latent frames per time chunk (feature cache: memory independent of the
     # length), tile / overlap = spatial tiles in pixels. The quickstart's clips are short.
     c.vae_inference = dict(chunk=0, tile=0, overlap=0)
@@ -105,6 +109,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # "per_block": adaLN-Zero with a modulation Linear per block (DiT); "single": one shared
         # Linear plus a per-block table (PixArt-alpha's adaLN-single, Wan's shared timestep MLP)
         adaln="per_block",
+        rope_axes_dims=None,  # head dims given to RoPE's (t, h, w) axes; None: the default split
+        rope_theta=10000.0,
+        pos_embed="rope",  # "rope" (3D RoPE) | "sincos" (the class-conditional DiT's)
+        num_classes=0,  # > 0: class-conditional (label embedding instead of text)
+        # scan_layers stacks the blocks (nnx.scan); remat then keeps only each block's input
+        # for the backward (policy: a jax.checkpoint_policies name)
+        scan_layers=False,
+        remat=False,
+        remat_policy="nothing_saveable",
+        dtype="float32",  # matmul compute dtype; parameters and optimizer state stay float32
     )
     c.flow = dict(
         logit_mean=0.0,
@@ -134,14 +148,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.conditioning = dict(none=0.7, first_frame=0.1, first_k=0.05, last_k=0.05, first_last=0.05,
                           keyframes=0.05, max_k=2, keyframe_prob=0.3, visual_dropout=0.1)
 
-    # solver: euler | heun | dpmpp_2m; cfg: text guidance; visual_cfg: guidance on context
-    # frames (1.0 = none, no extra model pass); strength: SDEdit strength of `--mode edit`.
-    c.sample = dict(steps=25, cfg=4.0, frames=9, height=32, width=32, fps=8, seed=0,
-                    solver="euler", visual_cfg=1.0, strength=0.6)
+    # solver: euler | heun | dpmpp_2m; guidance: classifier-free guidance scale on text;
+    # visual_guidance: guidance on context frames (1.0 = none, no extra model pass); strength:
+    # SDEdit strength of `--mode edit`.
+    c.sample = dict(steps=25, guidance=4.0, frames=9, height=32, width=32, fps=8, seed=0,
+                    solver="euler", visual_guidance=1.0, strength=0.6)
     # Prompts pass the filter, then the extender ("caption_style": rewrite into the training
     # captions' grammar; "none"; or "module.path:function", any local callable str -> str).
-    # filter.blocked_terms None = sora_jax.prompts.DEFAULT_BLOCKED_TERMS; refusals exit with 3.
+    # filter.blocked_terms None = sora_jax.inference.prompts.DEFAULT_BLOCKED_TERMS; refusals exit with 3.
     c.prompt = dict(extender="caption_style",
                     filter=dict(enabled=True, blocked_terms=None, blocked_patterns=()))
     c.evaluate = dict(num_samples=40, batch=8)
+    # model-info's row: latent (t, h, w) to patchify; None = the latent of the sample size
+    c.model_info = dict(latent=None)
     return c

@@ -5,7 +5,7 @@ Run: ``sora-jax quickstart --config configs/tiny.py --workdir /tmp/sora_tiny``
 
 import ml_collections
 
-from configs import quickstart
+from sora_jax.configs import quickstart
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -8,8 +8,8 @@ fewer tokens per video: the trade DC-AE and LTX-Video make. The DiT patch is (1,
 
 import ml_collections
 
-from configs import quickstart
-from configs.vae_4x8x8_c16 import vae_run
+from sora_jax.configs import quickstart
+from sora_jax.configs.vae_4x8x8_c16 import vae_run
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

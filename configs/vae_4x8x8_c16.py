@@ -24,7 +24,7 @@ The DiT stages also run with this config (Moving MNIST at 32x32 / 32x48, patch (
 
 import ml_collections
 
-from configs import quickstart
+from sora_jax.configs import quickstart
 
 
 def vae_run(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:

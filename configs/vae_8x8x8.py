@@ -7,8 +7,8 @@ and evaluation sets as ``configs/vae_4x8x8_c16.py``; the 17-frame crops give 3 l
 
 import ml_collections
 
-from configs import quickstart
-from configs.vae_4x8x8_c16 import vae_run
+from sora_jax.configs import quickstart
+from sora_jax.configs.vae_4x8x8_c16 import vae_run
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,69 +1,50 @@
 """Offline latent encoding of an ingested dataset: VAE latents and text-encoder states per clip.
 
-Reads a clip dataset (``data_pipelines.ingest`` output, or any ``records`` dataset whose records
-hold ``video`` uint8 (T, H, W, 3) and ``caption``), runs the trained VAE of a run folder and the
-frozen MiniLM text encoder over it in batches, and writes ArrayRecord shards that the DiT input
-pipeline reads without touching pixels again.
+Reads a clip dataset (``data_pipelines.ingest`` output, or any ``sora_jax.data.records``
+dataset whose records hold ``video`` uint8 (T, H, W, 3) and ``caption``; or a TFDS dataset,
+``tfds:NAME[:SPLIT]``, see :mod:`sora_jax.data.tfds`), runs the trained VAE of a run folder and
+the frozen MiniLM text encoder over it in batches, and writes ArrayRecord shards that the DiT
+input pipeline reads without touching pixels again. The output layout and record format are
+:mod:`sora_jax.data.encoded`'s.
 
 Work is split over processes (one per host on a pod, or several on one machine): process i of n
 encodes input records i, i + n, i + 2n, ... (disjoint, and together complete) and writes its own
-dataset. For output prefix P::
-
-    P-p{i:05d}-of-{n:05d}-0000k-of-0000K.array_record   shards of process i
-    P-p{i:05d}-of-{n:05d}.meta.json                     records meta (``records.read_meta``)
-    P-p{i:05d}-of-{n:05d}.done.json                     stamp: settings, VAE step, counts
-
-``list_encoded(P)`` names the per-process prefixes of a complete set and ``read_encoded(P)``
-opens them all as one ``grain.MapDataset``.
-
-Output record::
-
-    latent   float32 (t, h, w, c)  normalised latents, (z - shift) / scale (``VAECodec.encode``)
-    text     float32 (m, 384)      text states of the m kept caption tokens ([CLS] ... [SEP],
-                                   truncated at the text max length; no padding rows)
-    caption  str    source str    kind str ("video" | "image")
-    frames   int    height int    width int     (of the input video: frames, pixels)
-    fps      float  start_s float  end_s float  (seconds; 0.0 where the input has none)
-    index    int    position of the record in the input dataset
-
-Within a process output, records are in the order their batch was encoded (records are grouped
-by (T, H, W) shape), not input order; ``index`` gives the input position.
+dataset. Within a process output, records are in the order their batch was encoded (records are
+grouped by (T, H, W) shape), not input order; ``index`` gives the input position.
 
 A stamp makes reruns free: when ``done.json`` exists and records the same VAE checkpoint (step
-and a SHA-1 of its saved model files, which hold the weights and the latent statistics,
-``sora_jax.stages.checkpoint_fingerprint``), config, text length, input dataset fingerprint
-(meta and shard sizes/mtimes), process split and shard count, ``encode`` returns it without
-loading any model.
+and fingerprint of its saved model files, which hold the weights and the latent statistics,
+``sora_jax.train.run_folder.checkpoint_fingerprint``), config, text length, input dataset
+fingerprint (meta and shard sizes/mtimes), process split and shard count, ``encode`` returns
+it without loading any model.
 
-Run: ``python -m data_pipelines.encode --data PREFIX --vae-workdir DIR --output PREFIX``.
+Run: ``sora-jax encode --data PREFIX --vae-workdir DIR --output PREFIX``.
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import hashlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 from typing import Any, Iterator, Optional, Sequence
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
-from data_pipelines import records
+from sora_jax.data import records
+from sora_jax.data.encoded import process_prefix, stamp_path
+from sora_jax.data.tfds import is_tfds_spec, open_records, records_fingerprint
+from sora_jax.errors import StageError
+from sora_jax.inference.latents import load_codec
+from sora_jax.io import to_float
+from sora_jax.models.factory import text_encoder as cached_text_encoder
+from sora_jax.train.run_folder import checkpoint_fingerprint, read_config
 
-__all__ = [
-    "ENCODE_VERSION",
-    "SKIP_REASONS",
-    "encode",
-    "process_prefix",
-    "list_encoded",
-    "read_encoded",
-    "main",
-]
+__all__ = ["ENCODE_VERSION", "SKIP_REASONS", "encode", "main"]
 
 log = logging.getLogger("data_pipelines.encode")
 
@@ -72,52 +53,6 @@ ENCODE_VERSION = 1
 
 SKIP_REASONS = ("bad_record", "bad_frames", "bad_size")
 
-_PROCESS_RE = re.compile(r"-p(\d{5})-of-(\d{5})\.done\.json$")
-
-
-def process_prefix(output_prefix: str, process_index: int, process_count: int) -> str:
-    """``<output_prefix>-p{i:05d}-of-{n:05d}``: the records prefix of one process's output."""
-    return f"{output_prefix}-p{process_index:05d}-of-{process_count:05d}"
-
-
-def _stamp_path(prefix: str) -> str:
-    return prefix + ".done.json"
-
-
-def _sha1_file(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _dataset_fingerprint(prefix: str) -> dict:
-    """What identifies the input dataset: its meta file and the size/mtime of its shards.
-
-    A rebuilt dataset with the same counts and shapes (e.g. edited captions) has new shard
-    mtimes, so it is re-encoded.
-    """
-    meta = records.read_meta(prefix)
-    directory = os.path.dirname(os.path.abspath(prefix))
-    shards = []
-    for name in meta["shards"]:
-        st = os.stat(os.path.join(directory, name))
-        shards.append([name, st.st_size, st.st_mtime_ns])
-    return dict(count=int(meta["count"]), meta_sha1=_sha1_file(prefix + ".meta.json"),
-                shards=shards)
-
-
-def _load_config(vae_workdir: str):
-    from sora_jax import config as config_lib
-
-    path = os.path.join(vae_workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json in {vae_workdir}: is it a sora-jax run folder "
-                                "(made by `sora-jax train-vae`)?")
-    with open(path) as f:
-        return config_lib.from_json(f.read())
-
 
 # One codec per (run folder, checkpoint, config): every VAECodec jits its own functions, so
 # reusing it saves a compile per shape when one process encodes several outputs.
@@ -125,8 +60,6 @@ _CODECS: dict[tuple, Any] = {}
 
 
 def _codec(cfg, vae_workdir: str, key: tuple):
-    from sora_jax.stages import load_codec
-
     if key not in _CODECS:
         _CODECS.clear()
         _CODECS[key] = load_codec(cfg, vae_workdir)
@@ -166,7 +99,9 @@ def encode(
     """Encodes this process's share of a clip dataset to normalised latents and text states.
 
     Args:
-      dataset_prefix: input records prefix (``records.read_dataset``); records need ``video``
+      dataset_prefix: input records prefix (``records.read_dataset``), or a prepared TFDS
+        dataset ``tfds:NAME[:SPLIT]`` (``sora_jax.data.tfds.read_tfds``; array_record format,
+        data dir from ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``); records need ``video``
         uint8 (T, H, W, 3) and ``caption`` str; ``source``, ``fps``, ``kind``, ``start_s``,
         ``end_s`` are copied when present.
       vae_workdir: a run folder with ``config.json`` and ``vae/checkpoints/<step>`` (weights
@@ -199,26 +134,22 @@ def encode(
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if process_index is None or process_count is None:
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index} of "
                          f"{process_count}")
-    cfg = _load_config(vae_workdir)
+    cfg = read_config(vae_workdir)
     text_max_length = int(text_max_length or cfg.text.max_length)
-    from sora_jax.stages import checkpoint_fingerprint
-
     vae_dir = os.path.join(vae_workdir, "vae")
     checkpoint = checkpoint_fingerprint(vae_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"no VAE checkpoint in {vae_dir}: run `sora-jax train-vae` first")
     key = dict(
         version=ENCODE_VERSION,
-        dataset_fingerprint=_dataset_fingerprint(dataset_prefix),
+        dataset_fingerprint=records_fingerprint(dataset_prefix),
         vae_step=checkpoint["step"],
-        vae_checkpoint_sha1=checkpoint["sha1"],
+        vae_checkpoint_sha256=checkpoint["sha256"],
         vae_config=cfg.vae.to_dict(),
         text_max_length=text_max_length,
         process_index=int(process_index),
@@ -227,7 +158,7 @@ def encode(
     )
     key = json.loads(json.dumps(key))  # tuples -> lists, as read back from the stamp
     prefix = process_prefix(os.path.abspath(output_prefix), process_index, process_count)
-    stamp = _stamp_path(prefix)
+    stamp = stamp_path(prefix)
     if os.path.isfile(stamp) and os.path.isfile(prefix + ".meta.json"):
         with open(stamp) as f:
             done = json.load(f)
@@ -236,14 +167,9 @@ def encode(
     if os.path.exists(stamp):
         os.remove(stamp)  # an interrupted rewrite must not look done
 
-    from tqdm.auto import tqdm
-
-    from sora_jax.io import to_float
-    from sora_jax.stages import text_encoder as cached_text_encoder
-
-    src = records.read_dataset(dataset_prefix)
+    src = open_records(dataset_prefix)
     indices = range(process_index, len(src), process_count)
-    codec = _codec(cfg, vae_workdir, (os.path.abspath(vae_workdir), key["vae_checkpoint_sha1"],
+    codec = _codec(cfg, vae_workdir, (os.path.abspath(vae_workdir), key["vae_checkpoint_sha256"],
                                       json.dumps(key["vae_config"], sort_keys=True)))
     text_encoder = cached_text_encoder(text_max_length)
     tds, sds = int(cfg.vae.temporal_downsample), int(cfg.vae.spatial_downsample)
@@ -314,7 +240,7 @@ def encode(
     info = dict(
         key=key,
         output=prefix,
-        dataset=os.path.abspath(dataset_prefix),
+        dataset=dataset_prefix if is_tfds_spec(dataset_prefix) else os.path.abspath(dataset_prefix),
         vae_workdir=os.path.abspath(vae_workdir),
         num_inputs=len(indices),
         num_encoded=int(sum(shapes.values())),
@@ -331,69 +257,13 @@ def encode(
     return dict(info, reused=False)
 
 
-def list_encoded(output_prefix: str) -> list[str]:
-    """Per-process prefixes of a complete encoded set, in process order.
-
-    Complete: a ``done.json`` stamp for every process 0..n-1 of one process count n, all made
-    with the same settings. If sets for several counts are complete (a re-encode with another
-    split), the most recently finished one is used, with a warning.
-
-    Raises:
-      FileNotFoundError: no complete set (the message lists what is missing).
-      ValueError: the processes of the chosen set were encoded with different settings.
-    """
-    output_prefix = os.path.abspath(output_prefix)
-    found: dict[int, dict[int, str]] = collections.defaultdict(dict)
-    for path in glob.glob(f"{glob.escape(output_prefix)}-p?????-of-?????.done.json"):
-        m = _PROCESS_RE.search(path)
-        if m and path[: m.start()] == output_prefix:
-            i, n = int(m.group(1)), int(m.group(2))
-            if i < n:
-                found[n][i] = path
-    complete = {n: s for n, s in found.items() if len(s) == n}
-    if not complete:
-        detail = "; ".join(f"{len(s)} of {n} processes done (missing "
-                           f"{sorted(set(range(n)) - set(s))[:8]})" for n, s in sorted(found.items()))
-        raise FileNotFoundError(f"no complete encoded dataset at {output_prefix}"
-                                f"{': ' + detail if detail else ''}; run data_pipelines.encode "
-                                "for every process index")
-    # The newest set is the one whose last process finished last.
-    n = max(complete, key=lambda c: max(os.stat(p).st_mtime_ns for p in complete[c].values()))
-    if len(complete) > 1:
-        log.warning("several complete encodings at %s (process counts %s); using %d",
-                    output_prefix, sorted(complete), n)
-    keys = []
-    for i in range(n):
-        with open(complete[n][i]) as f:
-            k = dict(json.load(f)["key"])
-        k.pop("process_index", None)
-        keys.append(k)
-    if any(k != keys[0] for k in keys[1:]):
-        raise ValueError(f"the {n} process outputs at {output_prefix} were encoded with different "
-                         "settings (checkpoint, data or text length): re-encode them")
-    return [process_prefix(output_prefix, i, n) for i in range(n)]
-
-
-def read_encoded(output_prefix: str):
-    """All process outputs of ``output_prefix`` as one ``grain.MapDataset`` of decoded dicts.
-
-    Element order: process 0's records, then process 1's, ... (deterministic); see the module
-    docstring for the record keys.
-
-    Raises:
-      FileNotFoundError, ValueError: as ``list_encoded``.
-    """
-    import grain
-
-    parts = [records.read_dataset(p) for p in list_encoded(output_prefix)]
-    return parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sora-jax encode",
         description="Encode an ingested clip dataset to VAE latents and text states.")
-    p.add_argument("--data", required=True, help="input dataset prefix (from ingest)")
+    p.add_argument("--data", required=True,
+                   help="input dataset prefix (from ingest), or tfds:NAME[:SPLIT] (a TFDS "
+                        "dataset prepared as array_record in $TFDS_DATA_DIR)")
     p.add_argument("--vae-workdir", required=True,
                    help="run folder with config.json and vae/checkpoints (sora-jax train-vae)")
     p.add_argument("--output", required=True, help="output prefix")
@@ -415,8 +285,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Prints a one-line summary and the stamp path. Returns 0 on success, 2 on an error (missing
     input, run folder or checkpoint; bad arguments), written to stderr in one line.
     """
-    from sora_jax.stages import StageError
-
     args = _parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -425,14 +293,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       text_max_length=args.text_max_length, process_index=args.process_index,
                       process_count=args.process_count, num_shards=args.num_shards,
                       progress=not args.no_progress)
-    except (FileNotFoundError, ValueError, StageError) as e:
+    except (FileNotFoundError, ValueError, ImportError, StageError) as e:
         print(f"sora-jax encode: error: {e}", file=sys.stderr)
         return 2
     reasons = ", ".join(f"{k}={v}" for k, v in info["skipped_by_reason"].items())
     what = "up to date" if info["reused"] else f"{info['seconds']:.1f} s"
     print(f"encoded {info['num_encoded']} of {info['num_inputs']} clips; skipped "
           f"{info['skipped']}{f' ({reasons})' if reasons else ''}; {what}")
-    print(f"output: {info['output']} (stamp {_stamp_path(info['output'])})")
+    print(f"output: {info['output']} (stamp {stamp_path(info['output'])})")
     return 0
 
 

@@ -93,7 +93,7 @@ from typing import Any, Iterator, Optional, Sequence
 import msgpack
 import numpy as np
 
-from data_pipelines import records
+from sora_jax.data import records
 
 __all__ = [
     "VIDEO_EXTENSIONS",

@@ -1,4 +1,4 @@
-"""Video and image I/O: mp4 read/write (PyAV), PNG contact sheets (Pillow), JSON provenance.
+"""Video and image I/O: mp4 read/write (PyAV), PNG contact sheets (Pillow), JSON, file hashes.
 
 Project conventions: a video is a numpy array (T, H, W, 3), channels-last, either uint8
 in [0, 255] or float in [-1, 1]. Every writer accepts both; every reader returns uint8.
@@ -10,6 +10,7 @@ comes back as 34x32.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -34,6 +35,9 @@ __all__ = [
     "write_png",
     "read_png_text",
     "read_image",
+    "read_media",
+    "file_sha256",
+    "folder_sha256",
 ]
 
 PathLike = str | os.PathLike
@@ -477,3 +481,59 @@ def read_image(path: PathLike) -> np.ndarray:
     """
     with _open_image(path) as image:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def read_media(path: PathLike) -> np.ndarray:
+    """An image file as (H, W, 3) or a video file as (T, H, W, 3), uint8 (by file extension).
+
+    Raises:
+      FileNotFoundError / ValueError: as :func:`read_image` and :func:`read_video`.
+    """
+    if os.path.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS:
+        return read_image(path)
+    return read_video(path)
+
+
+# ----------------------------------------------------------------------------- hashes
+
+_BLOCK = 1 << 20  # read files in 1 MiB blocks: checkpoints can be far larger than memory allows
+
+
+def _hash_file_into(h, path: PathLike):
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex SHA-256 of a file's bytes.
+
+    Raises:
+      FileNotFoundError: the path does not exist.
+    """
+    h = hashlib.sha256()
+    _hash_file_into(h, path)
+    return h.hexdigest()
+
+
+def folder_sha256(folder: PathLike) -> str:
+    """Hex SHA-256 over every file below ``folder``: files in sorted order of their relative
+    POSIX paths, each fed as ``path \\0 size \\0 bytes``, so the digest depends on names and
+    contents only (not on creation order, timestamps or permissions), and moving bytes from
+    one file to another changes it.
+
+    Raises:
+      FileNotFoundError: ``folder`` is not a folder.
+    """
+    root = pathlib.Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no folder {root}")
+    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for rel, path in files:
+        h.update(f"{rel}\0{path.stat().st_size}\0".encode())
+        _hash_file_into(h, path)
+    return h.hexdigest()

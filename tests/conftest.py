@@ -42,3 +42,31 @@ def trained_run(tmp_path_factory) -> str:
     for cmd in ("prepare-data", "train-vae", "train-dit"):
         assert run([cmd, "--config", "configs/tiny.py", "--no-progress", "--workdir", wd]) == 0, cmd
     return wd
+
+
+@pytest.fixture(scope="session")
+def vae_run(tmp_path_factory):
+    """A tiny run folder: config.json and an untrained VAE checkpoint holding latent statistics.
+
+    Encoding does not care whether the weights were trained; non-trivial statistics make the
+    normalisation visible. Returns (workdir, config).
+    """
+    import numpy as np
+
+    from sora_jax import config as config_lib
+    from sora_jax.models.factory import build_vae
+    from sora_jax.models.vae_gan import VAETrainModel
+    from sora_jax.train.checkpoint import Checkpointer
+    from sora_jax.train.run_folder import paths, save_config
+
+    wd = str(tmp_path_factory.mktemp("vae_run"))
+    cfg = config_lib.load_config("tiny")
+    save_config(cfg, wd)
+    vae = build_vae(cfg)
+    c = cfg.vae.latent_channels
+    vae.latent_shift[...] = np.linspace(-0.2, 0.2, c).astype(np.float32)
+    vae.latent_scale[...] = np.full((c,), 1.5, np.float32)
+    ck = Checkpointer(os.path.join(paths(wd)["vae"], "checkpoints"), async_save=False)
+    ck.save(2, VAETrainModel(vae), None, {"note": "untrained"})
+    ck.close()
+    return wd, cfg

@@ -33,7 +33,7 @@ def main():
     from flax import nnx
 
     import ml_collections
-    from configs.common import train_section
+    from sora_jax.configs.common import train_section
     from sora_jax.models.dit import DiT
     from sora_jax.parallel.mesh import create_mesh
     from sora_jax.train.steps import dit_loss_fn

@@ -15,11 +15,11 @@ def test_generate_writes_video_sheet_and_json(trained_run, tmp_path, capsys):
     out = str(tmp_path / "gen")
     code = run(["generate", "--workdir", trained_run, "--prompt", "the digit 3 moves right",
                 "--prompt", "the digit 5 moves up", "--frames", "5", "--height", "32", "--width", "32",
-                "--seed", "3", "--cfg", "2.5", "--steps", "2", "--out", out, "--no-progress"])
+                "--seed", "3", "--guidance", "2.5", "--steps", "2", "--out", out, "--no-progress"])
     assert code == 0
     info = json.load(open(os.path.join(out, "samples.json")))
     assert [s["prompt"] for s in info["samples"]] == ["the digit 3 moves right", "the digit 5 moves up"]
-    assert info["seed"] == 3 and info["cfg"] == 2.5 and info["checkpoint_step"] == 3
+    assert info["seed"] == 3 and info["guidance"] == 2.5 and info["checkpoint_step"] == 3
     assert info["config"]["dit"]["hidden_size"] == 32
     from sora_jax.io import read_video
 
@@ -30,7 +30,8 @@ def test_generate_writes_video_sheet_and_json(trained_run, tmp_path, capsys):
 
 def test_generate_is_deterministic_given_seed(trained_run):
     from sora_jax import config as config_lib
-    from sora_jax.stages import Generator, paths
+    from sora_jax.inference.generate import Generator
+    from sora_jax.train.run_folder import paths
 
     cfg = config_lib.from_json(open(paths(trained_run)["config"]).read())
     gen = Generator(cfg, trained_run)
@@ -42,15 +43,16 @@ def test_generate_is_deterministic_given_seed(trained_run):
 
 def test_generate_packs_requests_of_different_shapes_into_one_call(trained_run, tmp_path, monkeypatch):
     from sora_jax import config as config_lib
-    from sora_jax.stages import Generator, Request, paths
+    from sora_jax.inference.generate import Generator, Request
+    from sora_jax.train.run_folder import paths
 
     cfg = config_lib.from_json(open(paths(trained_run)["config"]).read())
     gen = Generator(cfg, trained_run)
     calls = []
-    import sora_jax.diffusion.samplers as samplers
+    import sora_jax.inference.generate as generate
 
-    real = samplers.sample
-    monkeypatch.setattr(samplers, "sample",
+    real = generate.sample
+    monkeypatch.setattr(generate, "sample",
                         lambda *a, **k: calls.append(k["segment_ids"].shape) or real(*a, **k))
     reqs = [Request("the digit 1 moves left", 5, 32, 32), Request("the digit 4 moves up", 1, 48, 32),
             Request("the digit 8 moves right", 9, 32, 48)]
@@ -80,7 +82,7 @@ def test_resume_is_a_no_op_when_training_is_done(trained_run, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--frames", "4"], "impossible frame count 4"),
     (["--height", "30"], "impossible size 30x32"),
-    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "0"], "config key 'sample.steps': must be an integer >= 1"),
     (["--shape", "5x32"], "--shape must look like"),
     (["--shape", "5x30x32"], "impossible size 30x32"),
     (["--config.dit.nope=1"], "unknown config key 'dit.nope'"),
@@ -129,7 +131,7 @@ def test_quickstart_writes_every_metric(trained_run, tmp_path, capsys):
     assert set(metrics["stage_seconds"]) == {"prepare_data", "train_vae", "train_dit", "evaluate", "modes"}
     assert metrics["config"] == "tiny"  # the run's own config.json was reused
     # one sample of every prompt mode on bundled real media, with its provenance sidecar
-    from sora_jax.modes import MODES
+    from sora_jax.inference.modes import MODES
 
     assert set(metrics["modes"]) == set(MODES)
     for mode, m in metrics["modes"].items():
@@ -185,10 +187,11 @@ def test_a_moved_run_folder_still_works(trained_run, tmp_path, capsys):
 def test_train_vae_saves_statistics_in_its_checkpoint_and_evaluates(trained_run):
     """The final checkpoint carries the latent statistics of the training crops, and
     evaluate_vae.json scores held-out sets whose sources no training record comes from."""
-    from data_pipelines.records import read_dataset
+    from sora_jax.data.records import read_dataset
     from sora_jax import config as config_lib
     from sora_jax.data.pipeline import vae_batch_fn
-    from sora_jax.stages import _datasets, load_codec, paths
+    from sora_jax.inference.latents import load_codec
+    from sora_jax.train.run_folder import datasets as _datasets, paths
 
     cfg = config_lib.from_json(open(paths(trained_run)["config"]).read())
     codec = load_codec(cfg, trained_run)

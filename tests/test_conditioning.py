@@ -20,10 +20,19 @@ def _packed_row():
     return np.array([seg], np.int32), np.array([frame], np.int32)
 
 
+# every key of the section must be given (the configs hold the values; no defaults in code)
+OTHER_KEYS = dict(max_k=2, keyframe_prob=0.3, visual_dropout=0.0)
+
+
+def _section(**kw):
+    section = {p: 0.0 for p in CONDITION_PATTERNS}
+    section.update(OTHER_KEYS)
+    section.update(kw)
+    return section
+
+
 def _only(pattern, **kw):
-    rates = {p: 0.0 for p in CONDITION_PATTERNS}
-    rates[pattern] = 1.0
-    return conditioning_settings(dict(rates, **kw))
+    return conditioning_settings(_section(**{pattern: 1.0}, **kw))
 
 
 def _frames(cond, seg, frame, s):
@@ -88,12 +97,16 @@ def test_visual_dropout_removes_instead_of_giving():
 
 
 def test_settings_name_bad_values():
-    with pytest.raises(ValueError, match="unknown conditioning"):
-        conditioning_settings({"first_frme": 1.0})
+    with pytest.raises(ValueError, match=r"unknown \['first_frme'\], missing \['first_frame'\]"):
+        section = _section(none=1.0)
+        section["first_frme"] = section.pop("first_frame")
+        conditioning_settings(section)
+    with pytest.raises(ValueError, match=r"missing \['max_k'\]"):
+        conditioning_settings({k: v for k, v in _section(none=1.0).items() if k != "max_k"})
     with pytest.raises(ValueError, match="all 0"):
-        conditioning_settings({"none": 0.0})
+        conditioning_settings(_section())
     with pytest.raises(ValueError, match="keyframe_prob"):
-        conditioning_settings({"keyframe_prob": 1.0})
+        conditioning_settings(_section(none=1.0, keyframe_prob=1.0))
 
 
 def _batch(seed=0):

@@ -4,13 +4,15 @@ import os
 import numpy as np
 import pytest
 
-from data_pipelines import build, moving_mnist, real_clips, records, sources
-from data_pipelines.moving_mnist import DIRECTIONS, HELDOUT_COMBOS
+from sora_jax.data import bundled as build, moving_mnist, real_clips, records, sources
+from sora_jax.data.moving_mnist import DIRECTIONS, HELDOUT_COMBOS
 
 SIZES = [(32, 32), (32, 48), (48, 32)]
 TINY_BUILD = dict(mnist_train=24, mnist_eval=12, heldout_prompts=10, clips_train=10, clips_eval=6,
                   sizes=SIZES, durations=(1, 5, 9), clip_sizes=[(32, 32), (32, 48)],
-                  clip_durations=(1, 9), digit_size=16, progress=False)
+                  clip_durations=(1, 9), digit_size=16, two_digit_prob=0.3, speed_range=(1, 3),
+                  mnist_fps=8.0, photo_fraction=0.2, clip_scale_range=(2.0, 8.0), num_shards=1,
+                  progress=False)
 
 
 # ----------------------------------------------------------------------------- records

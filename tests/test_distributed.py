@@ -247,7 +247,7 @@ def test_initialize_after_jax_started_says_what_to_do(fresh, monkeypatch):
 def test_cli_has_distributed_flags_on_jax_subcommands_only():
     from sora_jax import cli
 
-    p = cli._parser()
+    p = cli._parser(cli._tools())
     for cmd in ("train-vae", "train-dit", "evaluate-vae", "evaluate", "quickstart"):
         a = p.parse_args([cmd, "--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "1"])
         assert (a.coordinator_address, a.num_processes, a.process_id) == ("h:1", 2, 1)

@@ -121,10 +121,16 @@ def test_param_count_and_flops(tiny_dit):
 
 def test_from_config():
     ml_collections = pytest.importorskip("ml_collections")
-    cfg = ml_collections.ConfigDict(dict(hidden_size=24, depth=1, num_heads=2, mlp_ratio=2.0,
-                                         qk_norm=False, text_dim=8, attention_backend="xla"))
+    cfg = ml_collections.ConfigDict(dict(
+        hidden_size=24, depth=1, num_heads=2, mlp_ratio=2.0, qk_norm=False, text_dim=8,
+        attention_backend="xla", rope_axes_dims=None, rope_theta=10000.0, remat=False,
+        remat_policy="nothing_saveable", scan_layers=False, num_classes=0, pos_embed="rope",
+        adaln="per_block", dtype="float32"))
     model = nnx.eval_shape(lambda: DiT.from_config(cfg, in_dim=4, rngs=nnx.Rngs(0)))
     assert model.rope_axes_dims == (4, 4, 4) and model.blocks[0].attn.q_norm is None
+    del cfg["remat"]
+    with pytest.raises(KeyError, match="remat"):  # every field comes from the config
+        DiT.from_config(cfg, in_dim=4, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError):
         DiT(in_dim=4, hidden_size=30, depth=1, num_heads=4, rngs=nnx.Rngs(0))
 

@@ -9,38 +9,15 @@ import pytest
 from PIL import Image
 
 from data_pipelines import encode as encode_lib
-from data_pipelines.encode import encode, list_encoded, main, process_prefix, read_encoded
+from data_pipelines.encode import encode, main
 from data_pipelines.ingest import ingest
-from data_pipelines.records import write_array_record
-from sora_jax.models.vae_gan import VAETrainModel
+from sora_jax.data.encoded import list_encoded, process_prefix, read_encoded
+from sora_jax.data.records import write_array_record
 from sora_jax.io import to_float, write_mp4
+from sora_jax.models.vae_gan import VAETrainModel
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 CAPTIONS = ["a white square slides to the right", "a bar", "noise, seen once"]
-
-
-@pytest.fixture(scope="module")
-def vae_run(tmp_path_factory):
-    """A tiny run folder: config.json and an (untrained) VAE checkpoint holding latent statistics.
-
-    Encoding does not care whether the weights were trained; non-trivial statistics make the
-    normalisation visible.
-    """
-    from sora_jax import config as config_lib
-    from sora_jax.stages import build_vae, paths, save_config
-    from sora_jax.train.checkpoint import Checkpointer
-
-    wd = str(tmp_path_factory.mktemp("run"))
-    cfg = config_lib.load_config(str(CONFIG))
-    save_config(cfg, wd)
-    vae = build_vae(cfg)
-    c = cfg.vae.latent_channels
-    vae.latent_shift[...] = np.linspace(-0.2, 0.2, c).astype(np.float32)
-    vae.latent_scale[...] = np.full((c,), 1.5, np.float32)
-    ck = Checkpointer(os.path.join(paths(wd)["vae"], "checkpoints"), async_save=False)
-    ck.save(2, VAETrainModel(vae), None, {"note": "untrained"})
-    ck.close()
-    return wd, cfg
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +54,9 @@ def single(vae_run, clips, tmp_path_factory):
 
 
 def test_latents_match_the_vae_and_latent_shape(vae_run, clips, single):
-    from data_pipelines.records import read_dataset
-    from sora_jax.stages import latent_shape, load_codec
+    from sora_jax.data.records import read_dataset
+    from sora_jax.inference.latents import load_codec
+    from sora_jax.models.factory import latent_shape
 
     wd, cfg = vae_run
     out, info = single
@@ -107,7 +85,7 @@ def test_latents_match_the_vae_and_latent_shape(vae_run, clips, single):
 
 def test_text_states_are_the_kept_caption_tokens(vae_run, single):
     from sora_jax.models.text_encoder import TextEncoder
-    from sora_jax.stages import text_encoder as cached_text_encoder
+    from sora_jax.models.factory import text_encoder as cached_text_encoder
 
     _, cfg = vae_run
     out, _ = single
@@ -130,7 +108,7 @@ def test_process_sharding_is_disjoint_and_complete(vae_run, clips, single, tmp_p
     p1 = encode(clips, wd, out, batch_size=2, process_index=1, process_count=2, progress=False)
     assert p0["num_inputs"] == p1["num_inputs"] == 2
     assert list_encoded(out) == [process_prefix(os.path.abspath(out), i, 2) for i in range(2)]
-    from data_pipelines.records import read_dataset
+    from sora_jax.data.records import read_dataset
 
     part0 = {(r["source"], r["start_s"]) for r in read_dataset(list_encoded(out)[0])}
     part1 = {(r["source"], r["start_s"]) for r in read_dataset(list_encoded(out)[1])}
@@ -220,7 +198,8 @@ def test_a_copied_run_reuses_and_a_new_checkpoint_re_encodes(vae_run, clips, sin
     path or step alone: a copied run folder is up to date, new statistics at the same step are not."""
     import shutil
 
-    from sora_jax.stages import build_vae, paths
+    from sora_jax.models.factory import build_vae
+    from sora_jax.train.run_folder import paths
     from sora_jax.train.checkpoint import Checkpointer
 
     wd, cfg = vae_run
@@ -234,7 +213,7 @@ def test_a_copied_run_reuses_and_a_new_checkpoint_re_encodes(vae_run, clips, sin
             shutil.copy2(os.path.join(os.path.dirname(first["output"]), name), enc_dir / name)
     out2 = str(enc_dir / "latents")
     again = encode(clips, copy, out2, batch_size=2, process_index=0, process_count=1, progress=False)
-    assert again["reused"] and again["key"]["vae_checkpoint_sha1"] == first["key"]["vae_checkpoint_sha1"]
+    assert again["reused"] and again["key"]["vae_checkpoint_sha256"] == first["key"]["vae_checkpoint_sha256"]
 
     ckpt_dir = os.path.join(paths(copy)["vae"], "checkpoints")
     shutil.rmtree(os.path.join(ckpt_dir, "2"))
@@ -245,7 +224,7 @@ def test_a_copied_run_reuses_and_a_new_checkpoint_re_encodes(vae_run, clips, sin
     ck.close()
     redone = encode(clips, copy, out2, batch_size=2, process_index=0, process_count=1, progress=False)
     assert not redone["reused"] and redone["key"]["vae_step"] == first["key"]["vae_step"] == 2
-    assert redone["key"]["vae_checkpoint_sha1"] != first["key"]["vae_checkpoint_sha1"]
+    assert redone["key"]["vae_checkpoint_sha256"] != first["key"]["vae_checkpoint_sha256"]
     old, new = _by_key(read_encoded(out)), _by_key(read_encoded(out2))
     k = ("c.png", 0.0)  # same weights (same seed), so the raw latents agree
     np.testing.assert_allclose(new[k]["latent"] * 1.0 + 0.5,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sora_jax.evaluation import digits, metrics
+from sora_jax.evaluation import digits, image_quality as metrics
 
 STEPS = {"right": (0, 1), "left": (0, -1), "up": (-1, 0), "down": (1, 0)}
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from data_pipelines import ingest as ingest_lib
 from data_pipelines.ingest import clip_lengths, ingest, main, read_captions, target_size
-from data_pipelines.records import read_dataset, read_meta
+from sora_jax.data.records import read_dataset, read_meta
 from sora_jax.io import write_mp4
 
 SETTINGS = dict(fps=8.0, clip_seconds=1.5, max_side=32, size_multiple=16, frame_multiple=4)

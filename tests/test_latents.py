@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from sora_jax.models.vae_gan import VAETrainModel
-from sora_jax.latents import VAECodec, latent_statistics, set_latent_statistics
+from sora_jax.inference.latents import VAECodec, latent_statistics, set_latent_statistics
 from sora_jax.models.vae import CausalVAE
 
 SMALL = dict(latent_channels=4, base_channels=8, channel_mults=(1, 1), spatial_downsample=2,
@@ -80,7 +80,9 @@ def test_statistics_are_measured_on_raw_latents_and_standardise_them(vae):
 
 def test_statistics_survive_a_checkpoint_save_and_restore(tmp_path):
     from sora_jax import config as config_lib
-    from sora_jax.stages import build_vae, load_codec, paths, save_config
+    from sora_jax.inference.latents import load_codec
+    from sora_jax.models.factory import build_vae
+    from sora_jax.train.run_folder import paths, save_config
     from sora_jax.train.checkpoint import Checkpointer
 
     cfg = config_lib.load_config("configs/tiny.py")

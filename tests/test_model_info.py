@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from sora_jax import config as config_lib
-from sora_jax.model_info import model_info
+from sora_jax.models.info import model_info
 from sora_jax.models.dit import DiT, dit_param_count_analytic
 
 # Peebles & Xie 2023, Table 1 (class-conditional, patch 2 on 32x32x4 latents), in millions

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from sora_jax.cli import run
-from sora_jax.generate import Request
-from sora_jax.modes import (LOOP_DECODE_PERIODS, ModeError, loop_seam_ratio, periodic_decode, psnr,
+from sora_jax.inference.generate import Request
+from sora_jax.inference.modes import (LOOP_DECODE_PERIODS, ModeError, loop_seam_ratio, periodic_decode, psnr,
                             run_mode, setup_mode)
 
 KW = dict(frames=9, height=32, width=32, seed=0, guidance=2.0, steps=2)
@@ -33,8 +33,8 @@ def _video(frames=12, h=40, w=56, seed=0):
 @pytest.fixture(scope="module")
 def gen(trained_run):
     from sora_jax import config as config_lib
-    from sora_jax.generate import Generator
-    from sora_jax.stages import paths
+    from sora_jax.inference.generate import Generator
+    from sora_jax.train.run_folder import paths
 
     cfg = config_lib.from_json(open(paths(trained_run)["config"]).read())
     return Generator(cfg, trained_run)
@@ -76,7 +76,7 @@ def test_context_modes_keep_the_given_frames(gen, mode, inputs, given):
 def test_extend_forward_output_starts_with_the_input_round_trip(gen):
     video = _video()
     res = run_mode(gen, "extend-forward", PROMPT, inputs=[video], **KW)
-    from sora_jax.modes import fit_media
+    from sora_jax.inference.modes import fit_media
 
     tail = fit_media(video, 32, 32)[-5:]
     rt = gen.decode(gen.encode(tail))
@@ -163,8 +163,8 @@ def test_mode_input_errors(gen):
 
 def test_cli_modes_write_provenance(trained_run, tmp_path):
     from sora_jax.io import write_mp4, write_png
-    from sora_jax.provenance import PROVENANCE_KEYS, checkpoint_sha256, read_provenance
-    from sora_jax.stages import paths
+    from sora_jax.inference.provenance import PROVENANCE_KEYS, read_provenance
+    from sora_jax.train.run_folder import checkpoint_fingerprint, paths
 
     img = str(tmp_path / "photo.png")
     write_png(img, _video()[0])
@@ -183,7 +183,7 @@ def test_cli_modes_write_provenance(trained_run, tmp_path):
     assert sidecar["mode"] == "i2v" and sidecar["prompt"] == "3 going right"
     assert sidecar["extended_prompt"] == "the digit 3 moves right" and sidecar["seed"] == 5
     assert sidecar["sampler"] == "euler" and sidecar["steps"] == 2
-    assert sidecar["checkpoint_sha256"] == checkpoint_sha256(paths(trained_run)["dit"])
+    assert sidecar["checkpoint_sha256"] == checkpoint_fingerprint(paths(trained_run)["dit"])["sha256"]
     assert sidecar["conditioned_frames_psnr"] >= 35.0
     assert sidecar["inputs"][0]["path"].endswith("photo.png")
     embedded = read_provenance(sample["path"])  # inside the mp4 itself
@@ -203,7 +203,7 @@ def test_cli_modes_write_provenance(trained_run, tmp_path):
 
     out = str(tmp_path / "edit")
     assert run(["generate", "--mode", "edit", "--input", clip, "--strength", "0.3",
-                "--visual-cfg", "1.5", "--prompt", PROMPT, "--out", out, *common]) == 0
+                "--visual-guidance", "1.5", "--prompt", PROMPT, "--out", out, *common]) == 0
 
 
 def test_cli_refuses_filtered_prompts(trained_run, tmp_path, capsys):

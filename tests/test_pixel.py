@@ -28,7 +28,7 @@ def test_identity_round_trip_is_exact():
 
 def test_identity_codec_round_trip_through_the_statistics():
     from sora_jax.io import to_float
-    from sora_jax.latents import VAECodec, set_latent_statistics
+    from sora_jax.inference.latents import VAECodec, set_latent_statistics
 
     model = IdentityAutoencoder()
     rng = np.random.default_rng(1)
@@ -59,7 +59,8 @@ def test_identity_rejects_sizes_it_cannot_have(kwargs, message):
 def test_pixel_configs_validate_and_select_the_identity():
     from sora_jax import config as config_lib
     from sora_jax.config import ConfigError
-    from sora_jax.stages import build_vae, dit_in_dim, latent_shape, validate_config
+    from sora_jax.config_validation import validate_config
+    from sora_jax.models.factory import build_vae, dit_in_dim, latent_shape
 
     for spec in ("configs/pixel.py", "configs/pixel.py:tiny"):
         cfg = config_lib.load_config(spec)
@@ -96,7 +97,7 @@ def test_pixel_mode_end_to_end(tmp_path, capsys):
     dit = json.loads(capsys.readouterr().out)
     assert np.isfinite(dit["final_loss"]) and np.isfinite(dit["heldout_loss"])
     assert dit["train_step_compiles"] == 1
-    from data_pipelines.records import read_dataset
+    from sora_jax.data.records import read_dataset
 
     latents = read_dataset(os.path.join(wd, "latents", "latents_train"))
     assert latents[0]["latent"].shape[-1] == 3  # the DiT trained on standardised pixels

@@ -1,8 +1,8 @@
 """Tests for sora_jax.prompts: caption-style extension, the callable hook, the prompt filter."""
 import pytest
 
-from data_pipelines import moving_mnist, real_clips, sources
-from sora_jax import prompts
+from sora_jax.data import moving_mnist, real_clips, sources
+from sora_jax.inference import prompts
 
 EXPECTED = {
     # digits
@@ -103,7 +103,6 @@ def test_callable_extender_hook():
 
 
 def test_make_extender(tmp_path, monkeypatch):
-    assert isinstance(prompts.make_extender(), prompts.CaptionStyleExtender)
     assert isinstance(prompts.make_extender("caption_style"), prompts.CaptionStyleExtender)
     assert isinstance(prompts.make_extender("none"), prompts.IdentityExtender)
 
@@ -121,6 +120,10 @@ def test_make_extender(tmp_path, monkeypatch):
         prompts.make_extender("my_local_llm:missing")
 
 
+# the quickstart's filter section: blocked_terms None = the default list
+DEFAULT_FILTER = {"enabled": True, "blocked_terms": None, "blocked_patterns": ()}
+
+
 @pytest.mark.parametrize("prompt, term", [
     ("Gore!", "gore"),
     ("so much GORE.", "gore"),
@@ -129,7 +132,7 @@ def test_make_extender(tmp_path, monkeypatch):
 ])
 def test_default_filter_refuses(prompt, term):
     with pytest.raises(prompts.PromptRefused, match=f"refused by the configured.*'{term}'") as e:
-        prompts.make_filter(None).check(prompt)
+        prompts.make_filter(DEFAULT_FILTER).check(prompt)
     assert isinstance(e.value, ValueError) and e.value.term == term
 
 
@@ -137,11 +140,12 @@ def test_default_filter_refuses(prompt, term):
     "the digit 3 moves right", "a clip from bikes", "a photo of coffee", "gorey details", "",
 ])
 def test_default_filter_allows(prompt):
-    assert prompts.make_filter({}).check(prompt) is None
+    assert prompts.make_filter(DEFAULT_FILTER).check(prompt) is None
 
 
 def test_configured_filter():
-    f = prompts.make_filter({"blocked_terms": ["Red Panda"], "blocked_patterns": [r"\bdigit\s+[89]\b"]})
+    f = prompts.make_filter({"enabled": True, "blocked_terms": ["Red Panda"],
+                             "blocked_patterns": [r"\bdigit\s+[89]\b"]})
     f.check("gore")  # the configured list replaces the defaults
     f.check("the digit 7 moves up")
     with pytest.raises(prompts.PromptRefused, match="Red Panda"):
@@ -149,7 +153,7 @@ def test_configured_filter():
     with pytest.raises(prompts.PromptRefused, match="blocked pattern") as e:
         f.check("The Digit 8 moves left")
     assert e.value.term == r"\bdigit\s+[89]\b" and e.value.kind == "pattern"
-    off = prompts.make_filter({"enabled": False, "blocked_terms": ["gore"]})
+    off = prompts.make_filter({"enabled": False, "blocked_terms": ["gore"], "blocked_patterns": []})
     off.check("gore deepfake")
     with pytest.raises(TypeError, match="list"):
         prompts.PromptFilter(blocked_terms="gore")

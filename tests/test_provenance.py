@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 import sora_jax
-from sora_jax import io, provenance
+from sora_jax import io
+from sora_jax.inference import provenance
 
 
 def _record(**extra):
@@ -90,45 +91,3 @@ def test_image_io_errors_and_conversion(tmp_path):
     assert io.read_png_text(io.write_png(tmp_path / "plain.png", np.zeros((2, 2, 3)))) == {}
     with pytest.raises(ValueError, match="shape"):
         io.write_png(tmp_path / "two.png", np.zeros((2, 2, 2, 3), np.uint8))
-
-
-def _checkpoint(run_dir, step, files):
-    for rel, data in files:
-        path = run_dir / "checkpoints" / str(step) / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-
-FILES = [("model/params.bin", bytes(range(256)) * 5000), ("optimizer/state", b"opt"), ("meta.json", b"{}")]
-
-
-def test_checkpoint_sha256(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        provenance.checkpoint_sha256(tmp_path / "empty")
-    a, b = tmp_path / "a", tmp_path / "b"
-    _checkpoint(a, 100, FILES)
-    _checkpoint(b, 100, list(reversed(FILES)))  # same contents, other creation order
-    digest = provenance.checkpoint_sha256(a)
-    assert len(digest) == 64 and digest == provenance.checkpoint_sha256(b)
-
-    data = bytearray(FILES[0][1])
-    data[123_456] ^= 1
-    (b / "checkpoints" / "100" / "model" / "params.bin").write_bytes(bytes(data))
-    assert provenance.checkpoint_sha256(b) != digest
-
-    # the latest all-digit step is used; orbax's temporary folders are not steps
-    _checkpoint(a, 20, [("x", b"older")])
-    _checkpoint(a, "300.orbax-checkpoint-tmp-1", [("x", b"partial")])
-    assert provenance.checkpoint_sha256(a) == digest
-    _checkpoint(a, 200, [("x", b"newer")])
-    assert provenance.checkpoint_sha256(a) != digest
-    assert provenance.checkpoint_sha256(a, step=100) == digest
-    with pytest.raises(FileNotFoundError):
-        provenance.checkpoint_sha256(a, step=5)
-
-
-def test_file_sha256(tmp_path):
-    path = tmp_path / "f"
-    path.write_bytes(b"abc")
-    assert provenance.file_sha256(path) == (
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")

@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
-from configs.common import train_section
+from sora_jax.configs.common import train_section
 from sora_jax.train.trainer import TrainTask, train
 from tests.test_train import Regressor, batch_fn, loss_fn, params
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from configs.common import train_section
+from sora_jax.configs.common import train_section
 from sora_jax.train.checkpoint import CheckpointNotFoundError, Checkpointer
 from sora_jax.train.trainer import TrainTask, train
 

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import pytest
 
 from sora_jax import config as config_lib
-from sora_jax.stages import build_vae, validate_config
+from sora_jax.config_validation import validate_config
+from sora_jax.models.factory import build_vae
 
 # config file -> (temporal, spatial, latent channels) its name promises
 CONFIGS = {

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from data_pipelines import real_clips, sources
+from sora_jax.data import real_clips, sources
 from sora_jax.models.vae_gan import VAETrainModel
 from sora_jax.evaluation import vae_eval
 
@@ -80,8 +80,10 @@ def _check_fields(ev, cfg):
 def test_evaluate_vae_on_a_tiny_model_reports_every_field(tmp_path, capsys):
     from sora_jax import config as config_lib
     from sora_jax.cli import run
-    from sora_jax.latents import VAECodec
-    from sora_jax.stages import build_vae, evaluate_vae, paths, save_config
+    from sora_jax.inference.latents import VAECodec
+    from sora_jax.models.factory import build_vae
+    from sora_jax.stages import evaluate_vae
+    from sora_jax.train.run_folder import paths, save_config
     from sora_jax.train.checkpoint import Checkpointer
 
     cfg = config_lib.load_config("configs/tiny.py")

@@ -10,21 +10,24 @@ import optax
 import pytest
 from flax import nnx
 
-from configs.common import train_section
-from sora_jax.evaluation.metrics import ssim_per_frame as ssim_reference
+from sora_jax.configs.common import train_section
+from sora_jax.evaluation.image_quality import ssim_per_frame as ssim_reference
 from sora_jax.models.discriminator import PatchDiscriminator3d
 from sora_jax.models.vae import CausalVAE
 from sora_jax.models.vae_gan import VAETrainModel, build_vae_train_model
 from sora_jax.models.vae_loss import (
-    adaptive_weight, hinge_d_loss, hinge_g_loss, ssim, ssim_per_frame, vae_loss,
+    adaptive_weight, hinge_d_loss, hinge_g_loss, ssim, ssim_per_frame, vae_loss, vae_loss_settings,
 )
 from sora_jax.train.checkpoint import Checkpointer
-from sora_jax.train.steps import start_at, vae_loss_fn, vae_loss_settings, vae_optimizer_fn
+from sora_jax.train.steps import start_at, vae_loss_fn, vae_optimizer_fn
 from sora_jax.train.trainer import TrainTask, train
 
 # Small enough to compile in seconds; patch_size 2 puts depth_to_space after the last layer.
 LOSS = dict(l1_weight=1.0, l2_weight=0.5, kl_weight=1e-6, ssim_weight=0.3, gan_weight=0.5,
-            disc_start=2, disc_channels=4, disc_layers=2)
+            disc_start=2, adaptive_weight=True, max_adaptive_weight=1e4, disc_channels=4,
+            disc_layers=2, disc_lr_mult=1.0)
+# the plain objective: L1 + KL, no discriminator
+PLAIN = dict(LOSS, l2_weight=0.0, ssim_weight=0.0, gan_weight=0.0, disc_start=0)
 
 
 def tiny_vae(seed=0):
@@ -106,19 +109,24 @@ def test_discriminator_accepts_images_and_videos():
         disc(x9[..., :1])
 
 
-def test_loss_settings_defaults_reproduce_the_plain_objective():
-    assert vae_loss_settings({})["gan_weight"] == 0.0 and vae_loss_settings(None)["ssim_weight"] == 0.0
-    with pytest.raises(ValueError, match="unknown vae_loss"):
-        vae_loss_settings({"ssim_wieght": 1.0})
+def test_loss_settings_need_every_key_and_the_plain_objective_is_vae_loss():
+    assert vae_loss_settings(PLAIN)["gan_weight"] == 0.0
+    typo = dict(PLAIN, ssim_wieght=1.0)
+    del typo["ssim_weight"]
+    with pytest.raises(ValueError, match=r"unknown \['ssim_wieght'\], missing \['ssim_weight'\]"):
+        vae_loss_settings(typo)
+    with pytest.raises(ValueError, match="kl_weight must be >= 0"):
+        vae_loss_settings(dict(PLAIN, kl_weight=-1.0))
     vae, x, key = tiny_vae(), jnp.asarray(video()), jax.random.key(3)
-    model = build_vae_train_model(vae, {"l1_weight": 1.0}, nnx.Rngs(1))
+    model = build_vae_train_model(vae, PLAIN, nnx.Rngs(1))
     assert model.discriminator is None
-    loss_fn = vae_loss_fn({"l1_weight": 1.0})
+    loss_fn = vae_loss_fn(PLAIN)
 
     @nnx.jit
     def both(model):
         recon, mean, logvar = model.vae(x, key=key)
-        return loss_fn(model, {"video": x}, key, jnp.int32(0))[0], vae_loss(recon, x, mean, logvar)[0]
+        return loss_fn(model, {"video": x}, key, jnp.int32(0))[0], vae_loss(
+            recon, x, mean, logvar, l1_weight=1.0, l2_weight=0.0, kl_weight=1e-6, ssim_weight=0.0)[0]
 
     loss, expected = both(model)
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)

@@ -11,7 +11,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs.common import train_section  # noqa: E402
+from sora_jax.configs.common import train_section  # noqa: E402
 from sora_jax.train.trainer import Preempted, TrainTask, train  # noqa: E402
 from tests.test_train import Regressor, batch_fn, loss_fn  # noqa: E402
 

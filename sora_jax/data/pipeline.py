@@ -15,7 +15,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from data_pipelines.records import read_dataset
+from sora_jax.data.records import read_dataset
 from sora_jax.data import navit
 from sora_jax.data.packing import patchify
 
@@ -78,7 +78,7 @@ class NaViTExample:
     of tokens (:func:`navit.drop_tokens`), and attach the caption's text-encoder states.
 
     Records hold ``latent`` (t, h, w, c) float and either ``text`` (m, Dt) (kept caption tokens,
-    as written by ``data_pipelines.encode``) or ``caption_id`` (row of ``text_table``).
+    as written by ``sora-jax encode``, :mod:`sora_jax.data.encoded`) or ``caption_id`` (row of ``text_table``).
 
     Output: ``tokens`` (n, pt*ph*pw*c) float32, ``positions`` (n, 3) int32, ``loss_mask`` (n,)
     float32 ones, ``text`` (m', Dt) float32 with m' <= ``text_length``.

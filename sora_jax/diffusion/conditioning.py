@@ -27,30 +27,26 @@ import numpy as np
 
 CONDITION_PATTERNS = ("none", "first_frame", "first_k", "last_k", "first_last", "keyframes")
 
-# Off by default: configs written before conditioning existed train text-to-video only.
-CONDITIONING_DEFAULTS: dict[str, Any] = dict(
-    none=1.0, first_frame=0.0, first_k=0.0, last_k=0.0, first_last=0.0, keyframes=0.0,
-    max_k=2, keyframe_prob=0.3, visual_dropout=0.0,
-)
+# The keys of the ``conditioning`` config section (its values live in the configs).
+CONDITIONING_KEYS = CONDITION_PATTERNS + ("max_k", "keyframe_prob", "visual_dropout")
 
 
-def conditioning_settings(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``conditioning`` config section with defaults filled in and checked.
+def conditioning_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``conditioning`` config section, checked and converted to plain Python values.
 
-    Keys: one rate per pattern of :data:`CONDITION_PATTERNS` (relative weights, >= 0, not all
+    Keys (all required): one rate per pattern of :data:`CONDITION_PATTERNS` (relative weights, >= 0, not all
     0), ``max_k`` (>= 1: k of first_k / last_k is drawn from 1..max_k), ``keyframe_prob`` (in
     (0, 1): chance that a frame is a keyframe), ``visual_dropout`` (in [0, 1): chance that
     the drawn context is removed rather than given).
 
     Raises:
-      ValueError: an unknown key or a value out of range (naming it).
+      ValueError: an unknown or missing key, or a value out of range (naming it).
     """
-    raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
-    unknown = sorted(set(raw) - set(CONDITIONING_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown conditioning config key(s) {unknown}; known: "
-                         f"{sorted(CONDITIONING_DEFAULTS)}")
-    c = {k: raw.get(k, v) if raw.get(k) is not None else v for k, v in CONDITIONING_DEFAULTS.items()}
+    c = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    unknown, missing = sorted(set(c) - set(CONDITIONING_KEYS)), sorted(set(CONDITIONING_KEYS) - set(c))
+    if unknown or missing:
+        raise ValueError(f"conditioning config keys: unknown {unknown}, missing {missing}; "
+                         f"expected {list(CONDITIONING_KEYS)}")
     for p in CONDITION_PATTERNS:
         c[p] = float(c[p])
         if c[p] < 0:

@@ -19,6 +19,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from sora_jax.diffusion.conditioning import draw_condition_mask
+
 
 def interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
     """x_t = (1 - t) x0 + t noise. x0, noise: (B, L, D); t: (B, L) (or broadcastable)."""
@@ -162,8 +164,6 @@ def rectified_flow_loss(model: Callable[..., jax.Array], batch: dict[str, jax.Ar
     k_t, k_noise, k_drop = jax.random.split(key, 3)
     cond = None
     if conditioning is not None:
-        from sora_jax.diffusion.conditioning import draw_condition_mask
-
         real = seg != 0
         cond, removed = draw_condition_mask(jax.random.fold_in(key, 3), seg, batch["positions"][..., 0], conditioning)
         seg = jnp.where(removed, 0, seg)

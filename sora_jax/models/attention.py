@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_BACKENDS = ("xla", "cudnn", "chunked", "splash", "auto")
+ATTENTION_BACKENDS = ("xla", "cudnn", "chunked", "splash", "auto")
 
 # "auto" on CPU switches from the dense einsum to "chunked" at this many (query, key) pairs
 # per row and head. Measured with benchmarks/attention.py (forward + backward, B=2, H=6,
@@ -474,8 +474,8 @@ def resolve_backend(backend: str, lq: int, lk: int, *, has_always_visible: bool 
     Raises:
       ValueError: unknown backend.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {_BACKENDS}")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
     if backend == "auto":
         platform = jax.default_backend() if platform is None else platform
         backend = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(platform, "cpu")
@@ -522,8 +522,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     Raises:
       ValueError: unknown backend or mismatched shapes.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {_BACKENDS}")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"expected q (B, Lq, H, Dh), k/v (B, Lk, H, Dh); got q {q.shape}, "
                          f"k {k.shape}, v {v.shape}")

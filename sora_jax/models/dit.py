@@ -172,6 +172,9 @@ def _apply_block(block: DiTBlock, *args):
     return block(*args)
 
 
+ADALN_KINDS = ("per_block", "single")  # DiT's adaLN-Zero per block; PixArt-alpha's adaLN-single
+POS_EMBEDS = ("rope", "sincos")  # 3D RoPE; the class-conditional DiT's fixed sin-cos table
+
 # Activation checkpointing policies (``jax.checkpoint_policies``) by config name: what each
 # block keeps from its forward pass for the backward; everything else is recomputed.
 REMAT_POLICIES = {
@@ -270,12 +273,12 @@ class DiT(nnx.Module):
                  attention_backend: str = "xla", remat: bool = False, dtype=None,
                  num_classes: int = 0, pos_embed: str = "rope", scan_layers: bool = False,
                  remat_policy: str = "nothing_saveable", adaln: str = "per_block", rngs: nnx.Rngs):
-        if adaln not in ("per_block", "single"):
-            raise ValueError(f"adaln must be 'per_block' or 'single', got {adaln!r}")
+        if adaln not in ADALN_KINDS:
+            raise ValueError(f"adaln must be one of {ADALN_KINDS}, got {adaln!r}")
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
-        if pos_embed not in ("rope", "sincos"):
-            raise ValueError(f"pos_embed must be 'rope' or 'sincos', got {pos_embed!r}")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if hidden_size % num_heads:
@@ -329,26 +332,27 @@ class DiT(nnx.Module):
 
     @classmethod
     def from_config(cls, cfg: Any, in_dim: int, rngs: nnx.Rngs) -> "DiT":
-        """Builds a DiT from a ConfigDict (or any mapping-like object).
+        """Builds a DiT from the ``dit`` config section (a ConfigDict or mapping).
 
-        Required fields: hidden_size, depth, num_heads. Optional: mlp_ratio, qk_norm,
-        text_dim, attention_backend, rope_axes_dims, rope_theta, remat, remat_policy,
-        scan_layers, num_classes, pos_embed, adaln, dtype (compute dtype of the matmuls, e.g. "bfloat16"; parameters and optimizer state
-        stay float32: mixed precision with fp32 master weights).
+        Fields (all required; ``configs/quickstart.py`` documents them): hidden_size, depth,
+        num_heads, mlp_ratio, qk_norm, text_dim, attention_backend, rope_axes_dims (None: the
+        default split), rope_theta, remat, remat_policy, scan_layers, num_classes, pos_embed,
+        adaln, dtype (compute dtype of the matmuls, e.g. "bfloat16"; parameters and optimizer
+        state stay float32: mixed precision with fp32 master weights).
+
+        Raises:
+          KeyError: a field is missing.
         """
-        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
-        rope_axes = get("rope_axes_dims", None)
+        rope_axes = cfg["rope_axes_dims"]
         return cls(in_dim=in_dim, hidden_size=cfg["hidden_size"], depth=cfg["depth"],
-                   num_heads=cfg["num_heads"], mlp_ratio=get("mlp_ratio", 4.0),
-                   text_dim=get("text_dim", 384), qk_norm=get("qk_norm", True),
+                   num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"],
+                   text_dim=cfg["text_dim"], qk_norm=cfg["qk_norm"],
                    rope_axes_dims=tuple(rope_axes) if rope_axes else None,
-                   rope_theta=get("rope_theta", 10000.0),
-                   attention_backend=get("attention_backend", "xla"),
-                   remat=get("remat", False), num_classes=get("num_classes", 0),
-                   pos_embed=get("pos_embed", "rope"), scan_layers=get("scan_layers", False),
-                   remat_policy=get("remat_policy", "nothing_saveable"),
-                   adaln=get("adaln", "per_block"),
-                   dtype=jnp.dtype(get("dtype", None) or "float32"), rngs=rngs)
+                   rope_theta=cfg["rope_theta"], attention_backend=cfg["attention_backend"],
+                   remat=cfg["remat"], num_classes=cfg["num_classes"],
+                   pos_embed=cfg["pos_embed"], scan_layers=cfg["scan_layers"],
+                   remat_policy=cfg["remat_policy"], adaln=cfg["adaln"],
+                   dtype=jnp.dtype(cfg["dtype"]), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
                  timesteps: jax.Array, text: jax.Array | None = None,

@@ -26,7 +26,7 @@ class IdentityAutoencoder(nnx.Module):
     """The identity map with the interface of ``CausalVAE``: encode and decode return their input.
 
     No parameters; the only variables are the per-channel statistics ``latent_shift`` and
-    ``latent_scale`` (``LatentStat``, float32 (in_channels,)), which ``sora_jax.latents``
+    ``latent_scale`` (``LatentStat``, float32 (in_channels,)), which ``sora_jax.inference.latents``
     applies and a checkpoint carries. The posterior is a point mass: ``encode`` returns the
     video as the mean and ``LOGVAR_MIN`` (the CausalVAE's clip floor) as the log-variance, and
     ``__call__`` never samples, so a round trip is exact.

@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sora_jax.models.patch_shortcut import LinearPatchShortcut
+
 __all__ = [
     "FeatureCache",
     "CausalConv3d",
@@ -748,7 +750,7 @@ class CausalVAE(nnx.Module):
         self.spatial_downsample = spatial_downsample
         self.temporal_downsample = temporal_downsample
         self.patch_size = patch_size
-        # Filled in from training data after training (``sora_jax.latents.latent_statistics``).
+        # Filled in from training data after training (``sora_jax.inference.latents.latent_statistics``).
         self.latent_shift = LatentStat(jnp.zeros((latent_channels,), jnp.float32))
         self.latent_scale = LatentStat(jnp.ones((latent_channels,), jnp.float32))
         common = dict(
@@ -767,8 +769,6 @@ class CausalVAE(nnx.Module):
         pixels = in_channels * patch_size * patch_size
         self.encoder = CausalEncoder(in_channels=pixels, logvar_init=logvar_init, **common)
         self.decoder = CausalDecoder(out_channels=pixels, **common)
-        from sora_jax.models.patch_shortcut import LinearPatchShortcut
-
         self.shortcut = LinearPatchShortcut(
             in_channels, latent_channels, spatial_downsample, temporal_downsample, rngs=rngs
         ) if patch_shortcut else None

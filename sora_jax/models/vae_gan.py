@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from flax import nnx
 
 from sora_jax.models.discriminator import PatchDiscriminator3d
+from sora_jax.models.vae_loss import vae_loss_settings
 
 __all__ = ["VAETrainModel", "build_vae_train_model"]
 
@@ -50,10 +51,9 @@ def build_vae_train_model(vae: nnx.Module, loss_cfg: Mapping[str, Any] | Any,
       ``VAETrainModel(vae, PatchDiscriminator3d or None)``.
 
     Raises:
-      ValueError: a bad ``vae_loss`` section (``sora_jax.train.steps.vae_loss_settings``: the
+      ValueError: a bad ``vae_loss`` section (``sora_jax.models.vae_loss.vae_loss_settings``: the
         one place its keys, defaults and checks live).
     """
-    from sora_jax.train.steps import vae_loss_settings  # steps imports this module
 
     c = vae_loss_settings(loss_cfg)
     disc = None

@@ -19,11 +19,15 @@ The full training objective lives in ``sora_jax.train.steps.vae_loss_fn``.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "VAE_LOSS_KEYS",
+    "vae_loss_settings",
     "adaptive_weight",
     "gaussian_window",
     "hinge_d_loss",
@@ -198,7 +202,7 @@ def ssim_per_frame(a: jax.Array, b: jax.Array) -> jax.Array:
     (a border of 5 px dropped, fewer on frames under 11 px: the largest odd window that fits)
     and over channels. This reproduces ``skimage.metrics.structural_similarity`` with
     ``gaussian_weights=True, use_sample_covariance=False, data_range=1`` (and so
-    ``sora_jax.evaluation.metrics.ssim``) to float32 rounding. The window is applied as two
+    ``sora_jax.evaluation.image_quality.ssim``) to float32 rounding. The window is applied as two
     dense (H', H) and (W', W) matrix products, O(H + W) per pixel: fast for training crops, not
     meant for full-HD frames.
 
@@ -302,3 +306,44 @@ def adaptive_weight(grad_rec: jax.Array, grad_gan: jax.Array, max_weight: float 
     num = jnp.sqrt(jnp.sum(jnp.square(grad_rec.astype(jnp.float32))))
     den = jnp.sqrt(jnp.sum(jnp.square(grad_gan.astype(jnp.float32)))) + eps
     return jax.lax.stop_gradient(jnp.clip(num / den, 0.0, max_weight))
+
+
+# The keys of the ``vae_loss`` config section (its values live in the configs).
+VAE_LOSS_KEYS = ("l1_weight", "l2_weight", "kl_weight", "ssim_weight", "gan_weight", "disc_start",
+                 "adaptive_weight", "max_adaptive_weight", "disc_channels", "disc_layers",
+                 "disc_lr_mult")
+
+
+def vae_loss_settings(loss_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``vae_loss`` config section, checked and converted to plain Python values.
+
+    Args:
+      loss_cfg: ConfigDict or dict with every key of :data:`VAE_LOSS_KEYS` (see ``vae_loss_fn``).
+
+    Returns:
+      dict of floats, ``disc_start`` / ``disc_channels`` / ``disc_layers`` ints and
+      ``adaptive_weight`` bool.
+
+    Raises:
+      ValueError: an unknown key (a typo would otherwise silently train without that term), a
+        missing one, a negative weight or ``disc_start``, or a non-positive
+        ``max_adaptive_weight`` / ``disc_lr_mult``.
+    """
+    c = loss_cfg.to_dict() if hasattr(loss_cfg, "to_dict") else dict(loss_cfg)
+    unknown, missing = sorted(set(c) - set(VAE_LOSS_KEYS)), sorted(set(VAE_LOSS_KEYS) - set(c))
+    if unknown or missing:
+        raise ValueError(f"vae_loss config keys: unknown {unknown}, missing {missing}; "
+                         f"expected {list(VAE_LOSS_KEYS)}")
+    for k in ("l1_weight", "l2_weight", "kl_weight", "ssim_weight", "gan_weight",
+              "max_adaptive_weight", "disc_lr_mult"):
+        c[k] = float(c[k])
+        if c[k] < 0:
+            raise ValueError(f"vae_loss.{k} must be >= 0, got {c[k]}")
+    for k in ("disc_start", "disc_channels", "disc_layers"):
+        c[k] = int(c[k])
+    c["adaptive_weight"] = bool(c["adaptive_weight"])
+    if c["disc_start"] < 0:
+        raise ValueError(f"vae_loss.disc_start must be >= 0, got {c['disc_start']}")
+    if c["max_adaptive_weight"] <= 0 or c["disc_lr_mult"] <= 0:
+        raise ValueError("vae_loss.max_adaptive_weight and vae_loss.disc_lr_mult must be > 0")
+    return c

@@ -1,6 +1,6 @@
 """Named accelerator topologies: device count, memory per device and peak FLOP/s.
 
-Used by the ahead-of-time compile check (:mod:`sora_jax.parallel.aot`) to size a simulated
+Used by the ahead-of-time compile check (:mod:`sora_jax.train.aot`) to size a simulated
 mesh and to say whether a run fits, and by MFU (model FLOPs / (step time x devices x peak)).
 
 Peak dense bf16 FLOP/s per device (chip) and memory, from the vendors' data sheets:

@@ -27,6 +27,15 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _check_shapes(target, restored, what: str):
+    """Orbax restores a saved array whatever the target's shape: refuse one of another shape
+    (a checkpoint of another model size whose tree has the same names)."""
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(target), jax.tree.leaves(restored)):
+        if tuple(want.shape) != tuple(got.shape):
+            raise ValueError(f"{what} {jax.tree_util.keystr(path)}: the checkpoint holds shape "
+                             f"{tuple(got.shape)}, the model {tuple(want.shape)}")
+
+
 class _IteratorState:
     """One process's recorded iterator state, in the shape Grain's Orbax handler saves.
 
@@ -129,7 +138,8 @@ class Checkpointer:
 
         Raises:
           CheckpointNotFoundError: no checkpoint exists under the directory (or not ``step``).
-          ValueError: ``subtree`` together with ``optimizer``.
+          ValueError: ``subtree`` together with ``optimizer``, or a saved array whose shape is
+            not the model's (Orbax itself would restore it as saved).
         """
         if subtree is not None:
             if optimizer is not None:
@@ -149,6 +159,9 @@ class Checkpointer:
             opt_state = nnx.state(optimizer)
             items["optimizer"] = ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(opt_state)))
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        _check_shapes(items["model"].item, restored["model"], "model")
+        if optimizer is not None:
+            _check_shapes(items["optimizer"].item, restored["optimizer"], "optimizer")
         nnx.replace_by_pure_dict(model_state, restored["model"])
         nnx.update(model, model_state)
         if optimizer is not None:
@@ -169,6 +182,7 @@ class Checkpointer:
                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True),
             meta=ocp.args.JsonRestore()))
+        _check_shapes(target[subtree], restored["model"][subtree], f"model[{subtree!r}]")
         nnx.replace_by_pure_dict(model_state, restored["model"][subtree])
         nnx.update(model, model_state)
         return dict(restored["meta"])

@@ -15,74 +15,18 @@ import ml_collections
 import optax
 from flax import nnx
 
+from sora_jax.diffusion.conditioning import conditioning_settings, is_enabled
 from sora_jax.diffusion.flow import rectified_flow_loss
 from sora_jax.models.vae_gan import VAETrainModel
 from sora_jax.models.vae_loss import (
-    adaptive_weight, hinge_d_loss, hinge_g_loss, ssim, vae_loss,
+    adaptive_weight, hinge_d_loss, hinge_g_loss, ssim, vae_loss, vae_loss_settings,
 )
 from sora_jax.train.trainer import OptimizerFn, clipped_adamw, make_optimizer, make_schedule
 
-__all__ = [
-    "VAE_LOSS_DEFAULTS",
-    "dit_loss_fn",
-    "start_at",
-    "vae_loss_fn",
-    "vae_loss_settings",
-    "vae_optimizer_fn",
-]
-
-# Defaults reproduce the plain L1 + KL objective, so configs that predate SSIM / GAN still work.
-VAE_LOSS_DEFAULTS: dict[str, Any] = dict(
-    l1_weight=1.0,
-    l2_weight=0.0,
-    kl_weight=1e-6,
-    ssim_weight=0.0,
-    gan_weight=0.0,
-    disc_start=0,
-    adaptive_weight=True,
-    max_adaptive_weight=1e4,
-    disc_channels=64,
-    disc_layers=3,
-    disc_lr_mult=1.0,
-)
+__all__ = ["dit_loss_fn", "start_at", "vae_loss_fn", "vae_optimizer_fn"]
 
 # G_L of VQGAN eq. 7: the decoder's output conv (``CausalVAE.decoder.conv_out``).
 _LAST_LAYER = ("decoder", "conv_out", "kernel")
-
-
-def vae_loss_settings(loss_cfg: Mapping[str, Any] | ml_collections.ConfigDict | None) -> dict[str, Any]:
-    """The ``vae_loss`` config section with defaults (``VAE_LOSS_DEFAULTS``) filled in.
-
-    Args:
-      loss_cfg: ConfigDict, dict or None (all defaults). Keys: see ``vae_loss_fn``.
-
-    Returns:
-      dict with every key of ``VAE_LOSS_DEFAULTS``: floats, ``disc_start`` / ``disc_channels`` /
-      ``disc_layers`` ints, ``adaptive_weight`` bool.
-
-    Raises:
-      ValueError: an unknown key (a typo would otherwise silently train without that term), a
-        negative weight or ``disc_start``, or a non-positive ``max_adaptive_weight`` /
-        ``disc_lr_mult``.
-    """
-    raw = loss_cfg.to_dict() if hasattr(loss_cfg, "to_dict") else dict(loss_cfg or {})
-    unknown = sorted(set(raw) - set(VAE_LOSS_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown vae_loss config key(s) {unknown}; known: {sorted(VAE_LOSS_DEFAULTS)}")
-    c = {k: (raw[k] if raw.get(k) is not None else v) for k, v in VAE_LOSS_DEFAULTS.items()}
-    for k in ("l1_weight", "l2_weight", "kl_weight", "ssim_weight", "gan_weight",
-              "max_adaptive_weight", "disc_lr_mult"):
-        c[k] = float(c[k])
-        if c[k] < 0:
-            raise ValueError(f"vae_loss.{k} must be >= 0, got {c[k]}")
-    for k in ("disc_start", "disc_channels", "disc_layers"):
-        c[k] = int(c[k])
-    c["adaptive_weight"] = bool(c["adaptive_weight"])
-    if c["disc_start"] < 0:
-        raise ValueError(f"vae_loss.disc_start must be >= 0, got {c['disc_start']}")
-    if c["max_adaptive_weight"] <= 0 or c["disc_lr_mult"] <= 0:
-        raise ValueError("vae_loss.max_adaptive_weight and vae_loss.disc_lr_mult must be > 0")
-    return c
 
 
 def _reconstruction(recon: jax.Array, target: jax.Array, c: dict[str, Any]) -> jax.Array:
@@ -111,7 +55,7 @@ class _GanOut(NamedTuple):
     logits_fake: jax.Array
 
 
-def vae_loss_fn(loss_cfg: Mapping[str, Any] | ml_collections.ConfigDict | None):
+def vae_loss_fn(loss_cfg: Mapping[str, Any] | ml_collections.ConfigDict):
     """The VAE training objective: ``(model, {"video": (B, T, H, W, C)}, key, step) -> (loss, metrics)``.
 
     loss = l1_weight * L1 + l2_weight * L2 + ssim_weight * (1 - SSIM) + kl_weight * KL
@@ -131,15 +75,15 @@ def vae_loss_fn(loss_cfg: Mapping[str, Any] | ml_collections.ConfigDict | None):
     altogether (its forward and backward do not run) and both GAN terms are 0; pair with
     ``vae_optimizer_fn``, whose discriminator update is also held until ``disc_start``.
 
-    Config keys (the ``vae_loss`` section; absent keys take ``VAE_LOSS_DEFAULTS``):
-      l1_weight (1.0), l2_weight (0.0), kl_weight (1e-6), ssim_weight (0.0): term weights.
-      gan_weight (0.0): weight of L_G; 0 turns the discriminator off (no parameters).
-      disc_start (0): first step (0-based) with the GAN terms and discriminator updates on.
-      adaptive_weight (True): scale L_G by VQGAN's lambda; False: lambda = 1.
-      max_adaptive_weight (1e4): upper clip of lambda (VQGAN's).
-      disc_channels (64), disc_layers (3): ``PatchDiscriminator3d`` width and stride-2 layers
+    Config keys (the ``vae_loss`` section, all required):
+      l1_weight, l2_weight, kl_weight, ssim_weight: term weights.
+      gan_weight: weight of L_G; 0 turns the discriminator off (no parameters).
+      disc_start: first step (0-based) with the GAN terms and discriminator updates on.
+      adaptive_weight: scale L_G by VQGAN's lambda; False: lambda = 1.
+      max_adaptive_weight: upper clip of lambda (VQGAN's is 1e4).
+      disc_channels, disc_layers: ``PatchDiscriminator3d`` width and stride-2 layers
         (read by ``sora_jax.models.vae_gan.build_vae_train_model``).
-      disc_lr_mult (1.0): discriminator learning rate / VAE learning rate
+      disc_lr_mult: discriminator learning rate / VAE learning rate
         (read by ``vae_optimizer_fn``).
 
     The model is a ``VAETrainModel`` (``build_vae_train_model``); a bare ``CausalVAE`` is
@@ -284,7 +228,7 @@ def _part_labels(params):
         params)
 
 
-def vae_optimizer_fn(loss_cfg: Mapping[str, Any] | ml_collections.ConfigDict | None) -> OptimizerFn:
+def vae_optimizer_fn(loss_cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> OptimizerFn:
     """The optimizer factory (``TrainTask.optimizer_fn``) of a VAE run with its ``vae_loss`` config.
 
     Without the GAN: ``make_optimizer``. With it (a ``VAETrainModel`` with a discriminator):
@@ -330,8 +274,6 @@ def dit_loss_fn(flow_cfg: ml_collections.ConfigDict,
     Raises:
       ValueError: a bad ``conditioning`` section.
     """
-    from sora_jax.diffusion.conditioning import conditioning_settings, is_enabled
-
     kwargs = flow_cfg.to_dict()
     if conditioning is not None:
         settings = conditioning_settings(conditioning)

@@ -30,8 +30,13 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from sora_jax.parallel.axes import DEFAULT_RULES
+from sora_jax.parallel.mesh import describe
+from sora_jax.parallel.sharding import (activate, place, place_objects, shard_batch,
+                                        state_shardings)
 from sora_jax.train.checkpoint import Checkpointer
-from sora_jax.train.metrics import MetricWriter
+from sora_jax.train.metric_writer import MetricWriter
+from sora_jax.train.throughput import Throughput, peak_flops_per_device
 
 log = logging.getLogger("sora_jax.train")
 
@@ -231,8 +236,6 @@ class TrainStep:
 
     def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn,
                  schedule: optax.Schedule, seed: int, mesh=None, rules=None):
-        from sora_jax.parallel.axes import DEFAULT_RULES
-
         self._objects = (model, optimizer)
         graphdef, self.state = nnx.split(self._objects)
         base_key = jax.random.key(seed)
@@ -264,16 +267,12 @@ class TrainStep:
         if mesh is None:
             self._jit = jax.jit(step_fn, donate_argnums=(0,))
         else:
-            from sora_jax.parallel.sharding import state_shardings
-
             shardings = state_shardings(self.state, mesh, self.rules)
             if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.state)):
                 # abstract objects (nnx.eval_shape): only for lower(), e.g. ahead-of-time compiles
                 self.state = jax.tree.map(
                     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, shardings)
             else:
-                from sora_jax.parallel.sharding import place
-
                 self.state = place(self.state, shardings)
             self._jit = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, None))
 
@@ -283,8 +282,6 @@ class TrainStep:
         step = jax.ShapeDtypeStruct((), jnp.int32)
         if self.mesh is None:
             return self._jit.lower(self.state, batch, step)
-        from sora_jax.parallel.sharding import activate
-
         with activate(self.mesh, self.rules):
             return self._jit.lower(self.state, batch, step)
 
@@ -293,8 +290,6 @@ class TrainStep:
         if self.mesh is None:
             self.state, aux = self._jit(self.state, batch, step)
             return aux
-        from sora_jax.parallel.sharding import activate, shard_batch
-
         with activate(self.mesh, self.rules):  # the model's constrain() calls see the mesh
             self.state, aux = self._jit(self.state, shard_batch(batch, self.mesh, self.rules), step)
         return aux
@@ -354,8 +349,6 @@ def train(
       Preempted: SIGTERM arrived; the checkpoint of the last completed step is on disk.
       RuntimeError: checkpoints exist but none can be read.
     """
-    from sora_jax.train.throughput import Throughput, peak_flops_per_device
-
     main_process = jax.process_index() == 0
     tx, schedule = (task.optimizer_fn or make_optimizer)(cfg)
     optimizer = nnx.Optimizer(task.model, tx, wrt=nnx.Param)
@@ -369,9 +362,6 @@ def train(
     if mesh is not None:
         # on the mesh before restoring, so the checkpoint restores straight into the shardings
         # (each host reads its own shards) and every process's arrays are global ones
-        from sora_jax.parallel.axes import DEFAULT_RULES
-        from sora_jax.parallel.sharding import place_objects
-
         rules = DEFAULT_RULES if rules is None else rules
         place_objects((task.model, optimizer), mesh, rules)
     # Several processes with a mesh train one model together; without one, the state is this
@@ -388,8 +378,6 @@ def train(
 
     step = TrainStep(task.model, optimizer, task.loss_fn, schedule, cfg.seed, mesh=mesh, rules=rules)
     if mesh is not None:
-        from sora_jax.parallel.mesh import describe
-
         log.info("%s: mesh %s", task.name, describe(mesh))
     summary: dict[str, Any] = {"resumed_from": start, "steps": cfg.steps}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)

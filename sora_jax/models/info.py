@@ -1,4 +1,4 @@
-"""``sora-jax model-info``: parameter count and FLOPs per token of a config's DiT, without training.
+"""Parameter count and FLOPs per token of a config's DiT, without training (``sora-jax model-info``).
 
 Parameters are counted on the abstract model (``nnx.eval_shape``: no memory) and in closed
 form (:func:`sora_jax.models.dit.dit_param_count_analytic`); FLOPs per token are analytic
@@ -17,13 +17,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from sora_jax.models.dit import dit_flops_per_token, dit_param_count_analytic
+from sora_jax.models.factory import build_dit, dit_in_dim, latent_shape
+
 
 def _tokens(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
-    from sora_jax.stages import latent_shape
-
-    mi = cfg.get("model_info") or {}
-    if mi.get("latent"):
-        t, h, w = mi["latent"]
+    if cfg.model_info.latent:
+        t, h, w = cfg.model_info.latent
     else:
         t, h, w, _ = latent_shape(cfg, cfg.sample.frames, cfg.sample.height, cfg.sample.width)
     pt, ph, pw = cfg.dit.patch
@@ -39,8 +39,6 @@ def xla_forward_flops(cfg: ml_collections.ConfigDict, seq_len: int, text_len: in
     Raises:
       RuntimeError: the backend reports no cost analysis.
     """
-    from sora_jax.stages import build_dit
-
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.dit.attention_backend, cfg.dit.remat, cfg.dit.scan_layers = "xla", False, False
     model = nnx.eval_shape(lambda: build_dit(cfg))
@@ -50,17 +48,15 @@ def xla_forward_flops(cfg: ml_collections.ConfigDict, seq_len: int, text_len: in
 
     def forward(state, tokens, seg, pos, t, text, tseg, labels):
         m = nnx.merge(graphdef, state)
-        if d.get("num_classes", 0):
+        if d.num_classes:
             return m(tokens, seg, pos, t, labels=labels)
         return m(tokens, seg, pos, t, text, tseg)
 
     S = jax.ShapeDtypeStruct
     args = (state, S((1, seq_len, in_dim), jnp.float32), S((1, seq_len), jnp.int32),
             S((1, seq_len, 3), jnp.int32), S((1, seq_len), jnp.float32),
-            S((1, text_len, d.get("text_dim", 384)), jnp.float32), S((1, text_len), jnp.int32),
+            S((1, text_len, d.text_dim), jnp.float32), S((1, text_len), jnp.int32),
             S((1, seq_len), jnp.int32))
-    from sora_jax.parallel.aot import compiled_flops
-
     flops = compiled_flops(jax.jit(forward).lower(*args).compile())
     if flops is None:
         raise RuntimeError("this backend reports no XLA cost analysis")
@@ -81,9 +77,6 @@ def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False,
       ``text_len``, the shape, and with ``xla`` ``flops_per_token_xla`` and
       ``xla_over_analytic``.
     """
-    from sora_jax.models.dit import dit_flops_per_token, dit_param_count_analytic
-    from sora_jax.stages import build_dit, dit_in_dim
-
     d = cfg.dit
     in_dim = dit_in_dim(cfg)
     tokens, text_len = _tokens(cfg)
@@ -91,19 +84,24 @@ def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False,
     model = nnx.eval_shape(lambda: build_dit(cfg))
     params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
     kw = {k: d[k] for k in ("hidden_size", "depth", "num_heads")}
-    kw.update(mlp_ratio=d.get("mlp_ratio", 4.0), text_dim=d.get("text_dim", 384),
-              adaln=d.get("adaln", "per_block"))
-    analytic = dit_param_count_analytic(in_dim=in_dim, qk_norm=d.get("qk_norm", True),
-                                        num_classes=d.get("num_classes", 0), **kw)
+    kw.update(mlp_ratio=d.mlp_ratio, text_dim=d.text_dim, adaln=d.adaln)
+    analytic = dit_param_count_analytic(in_dim=in_dim, qk_norm=d.qk_norm,
+                                        num_classes=d.num_classes, **kw)
     kw.pop("num_heads")
     flops = dit_flops_per_token(in_dim=in_dim, seq_len=seq_len, text_len=text_len,
-                                cross_attention=not d.get("num_classes", 0), **kw)
-    info = {"name": cfg.get("name", ""), "params": params, "params_analytic": analytic,
+                                cross_attention=not d.num_classes, **kw)
+    info = {"name": cfg.name, "params": params, "params_analytic": analytic,
             "flops_per_token": flops, "train_flops_per_token": 3 * flops, "seq_len": seq_len,
             "text_len": text_len, "in_dim": in_dim, "hidden_size": d.hidden_size, "depth": d.depth,
-            "num_heads": d.num_heads, "num_classes": int(d.get("num_classes", 0)),
-            "adaln": d.get("adaln", "per_block")}
+            "num_heads": d.num_heads, "num_classes": int(d.num_classes), "adaln": d.adaln}
     if xla:
         per_token = xla_forward_flops(cfg, seq_len, text_len) / seq_len
         info.update(flops_per_token_xla=per_token, xla_over_analytic=per_token / flops)
     return info
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs XLA counts for one run of a compiled program (per device), or None where the
+    backend reports none. A loop body is counted once, whatever its trip count."""
+    cost = compiled.cost_analysis()
+    return float(cost["flops"]) if cost and "flops" in cost else None

@@ -1,4 +1,4 @@
-"""Build every bundled-data dataset as ArrayRecord shards (what ``sora-jax prepare-data`` runs).
+"""Every bundled-data dataset as ArrayRecord shards (what ``sora-jax prepare-data`` runs).
 
 Datasets written under ``out_dir`` (each ``<out_dir>/<name>-0000i-of-0000N.array_record`` plus
 ``<name>.meta.json``; read them with ``records.read_dataset(prefix)``):
@@ -21,9 +21,11 @@ import os
 import time
 from typing import Iterable, Iterator, Optional, Sequence
 
-from data_pipelines import moving_mnist, real_clips, records, sources
+from tqdm.auto import tqdm
 
-__all__ = ["BUILD_VERSION", "BUILD_DEFAULTS", "DATASETS", "build_datasets", "load_manifest"]
+from sora_jax.data import moving_mnist, real_clips, records, sources
+
+__all__ = ["BUILD_VERSION", "DATASETS", "build_datasets", "load_manifest"]
 
 # Bump when generators change in a way that alters bytes, so old builds are not reused.
 BUILD_VERSION = 1
@@ -34,27 +36,6 @@ DATASETS = (
     "moving_mnist_heldout_prompts",
     "real_clips_train",
     "real_clips_eval",
-)
-
-# Quickstart scale: about 10 s on 2 CPU cores.
-BUILD_DEFAULTS = dict(
-    mnist_train=3000,
-    mnist_eval=300,
-    heldout_prompts=200,
-    clips_train=500,
-    clips_eval=100,
-    sizes=((32, 32), (32, 48), (48, 32)),
-    durations=(1, 5, 9, 17),
-    clip_sizes=None,  # None: same as sizes
-    clip_durations=None,  # None: same as durations
-    digit_size=16,
-    two_digit_prob=0.3,
-    speed_range=(1, 3),
-    mnist_fps=8.0,
-    photo_fraction=0.2,
-    clip_scale_range=(2.0, 8.0),
-    num_shards=1,
-    seed=0,
 )
 
 MANIFEST = "manifest.json"
@@ -114,23 +95,23 @@ def _complete(out_dir: str, manifest: dict, prefixes: dict[str, str]) -> bool:
 def build_datasets(
     out_dir: str,
     *,
-    mnist_train: int = BUILD_DEFAULTS["mnist_train"],
-    mnist_eval: int = BUILD_DEFAULTS["mnist_eval"],
-    heldout_prompts: int = BUILD_DEFAULTS["heldout_prompts"],
-    clips_train: int = BUILD_DEFAULTS["clips_train"],
-    clips_eval: int = BUILD_DEFAULTS["clips_eval"],
-    sizes: Sequence[tuple[int, int]] = BUILD_DEFAULTS["sizes"],
-    durations: Sequence[int] = BUILD_DEFAULTS["durations"],
-    clip_sizes: Optional[Sequence[tuple[int, int]]] = BUILD_DEFAULTS["clip_sizes"],
-    clip_durations: Optional[Sequence[int]] = BUILD_DEFAULTS["clip_durations"],
-    digit_size: int = BUILD_DEFAULTS["digit_size"],
-    two_digit_prob: float = BUILD_DEFAULTS["two_digit_prob"],
-    speed_range: tuple[int, int] = BUILD_DEFAULTS["speed_range"],
-    mnist_fps: float = BUILD_DEFAULTS["mnist_fps"],
-    photo_fraction: float = BUILD_DEFAULTS["photo_fraction"],
-    clip_scale_range: tuple[float, float] = BUILD_DEFAULTS["clip_scale_range"],
-    num_shards: int = BUILD_DEFAULTS["num_shards"],
-    seed: int = BUILD_DEFAULTS["seed"],
+    mnist_train: int,
+    mnist_eval: int,
+    heldout_prompts: int,
+    clips_train: int,
+    clips_eval: int,
+    sizes: Sequence[tuple[int, int]],
+    durations: Sequence[int],
+    clip_sizes: Sequence[tuple[int, int]],
+    clip_durations: Sequence[int],
+    digit_size: int,
+    two_digit_prob: float,
+    speed_range: tuple[int, int],
+    mnist_fps: float,
+    photo_fraction: float,
+    clip_scale_range: tuple[float, float],
+    num_shards: int,
+    seed: int,
     progress: bool = True,
     force: bool = False,
 ) -> dict[str, str]:
@@ -145,8 +126,7 @@ def build_datasets(
       sizes: Moving MNIST canvas sizes (H, W) in pixels.
       durations: Moving MNIST frame counts (1 or 1 + 4k); moving_mnist_heldout_prompts uses
         those > 1.
-      clip_sizes / clip_durations: crop sizes and frame counts of the real clips (None: the
-        MNIST ones).
+      clip_sizes / clip_durations: crop sizes and frame counts of the real clips.
       digit_size: MNIST digit patch side in pixels (<= min(H, W) over sizes).
       two_digit_prob, speed_range, mnist_fps: Moving MNIST options (see generate_moving_mnist).
       clip_scale_range: spatial downscale range for real crops (see generate_video_crops).
@@ -162,8 +142,6 @@ def build_datasets(
       ValueError: invalid sizes/durations/counts (e.g. no duration > 1 for the held-out
         prompts), plus anything the generators raise.
     """
-    from tqdm.auto import tqdm
-
     args = _jsonable(dict(
         mnist_train=mnist_train, mnist_eval=mnist_eval, heldout_prompts=heldout_prompts,
         clips_train=clips_train, clips_eval=clips_eval, sizes=sizes, durations=durations,
@@ -197,8 +175,7 @@ def build_datasets(
                         fps=mnist_fps, seed=seed)
     n_photo_train = int(round(clips_train * photo_fraction))
     n_photo_eval = int(round(clips_eval * photo_fraction))
-    clip_sizes = list(sizes if clip_sizes is None else clip_sizes)
-    clip_durations = list(durations if clip_durations is None else clip_durations)
+    clip_sizes, clip_durations = list(clip_sizes), list(clip_durations)
     bad = [t for t in list(durations) + clip_durations if not moving_mnist.valid_duration(int(t))]
     if bad:
         raise ValueError(f"durations must be 1 or 1 + 4k, got {bad}")
@@ -246,22 +223,3 @@ def build_datasets(
         json.dump(manifest, f, indent=1, sort_keys=True)
     os.replace(manifest_path + ".tmp", manifest_path)
     return prefixes
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m data_pipelines.build OUT_DIR [--seed S] [--force]`` with the quickstart defaults."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=BUILD_DEFAULTS["seed"])
-    parser.add_argument("--num-shards", type=int, default=BUILD_DEFAULTS["num_shards"])
-    parser.add_argument("--force", action="store_true")
-    ns = parser.parse_args(argv)
-    start = time.perf_counter()
-    out = build_datasets(ns.out_dir, seed=ns.seed, num_shards=ns.num_shards, force=ns.force)
-    print(json.dumps({"seconds": round(time.perf_counter() - start, 2), "datasets": out}, indent=1))
-
-
-if __name__ == "__main__":
-    main()

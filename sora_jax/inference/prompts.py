@@ -1,6 +1,6 @@
 """What happens to a user prompt before text encoding: extension into caption style, and filtering.
 
-The model only ever saw captions of a few fixed forms (see ``data_pipelines``):
+The model only ever saw captions of a few fixed forms (see :mod:`sora_jax.data`):
 
   * Moving MNIST clips: "the digit 3 moves right",
     "the digit 3 moves left and the digit 7 moves up"; single frames: "the digit 3"
@@ -25,7 +25,7 @@ import re
 import unicodedata
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from data_pipelines import moving_mnist, real_clips, sources
+from sora_jax.data import moving_mnist, real_clips, sources
 
 __all__ = [
     "PromptExtender",
@@ -33,6 +33,7 @@ __all__ = [
     "CallableExtender",
     "IdentityExtender",
     "make_extender",
+    "EXTENDERS",
     "EXTENDER_CHOICES",
     "PromptRefused",
     "PromptFilter",
@@ -179,10 +180,10 @@ class CaptionStyleExtender(PromptExtender):
          "a 3 moving to the left and 7 up" -> "the digit 3 moves right", ...,
          "the digit 3 moves left and the digit 7 moves up"; "3" -> "the digit 3". Prompts that
          move some digits but not others are not rewritten.
-      2. Bundled videos (``data_pipelines.sources.VIDEOS``, by file or display name):
+      2. Bundled videos (``sora_jax.data.sources.VIDEOS``, by file or display name):
          "bikes", "bikes video" -> "a clip from bikes"; with a word such as "frame", "still" or
          "image" -> "a frame from bikes".
-      3. Bundled photos (``data_pipelines.sources.PHOTOS``): "coffee", "photo of coffee" ->
+      3. Bundled photos (``sora_jax.data.sources.PHOTOS``): "coffee", "photo of coffee" ->
          "a photo of coffee".
 
     A prompt already in caption style comes back in its canonical form (lower case, single
@@ -246,10 +247,11 @@ class CallableExtender(PromptExtender):
         return f"CallableExtender({self._name()})"
 
 
-EXTENDER_CHOICES = ("caption_style", "none", "module.path:function")
+EXTENDERS = ("caption_style", "none")  # the built-in extenders, by config name
+EXTENDER_CHOICES = EXTENDERS + ("module.path:function",)
 
 
-def make_extender(spec: str = "caption_style") -> PromptExtender:
+def make_extender(spec: str) -> PromptExtender:
     """Builds a prompt extender from a config string.
 
     Args:
@@ -387,24 +389,19 @@ class PromptFilter:
         return f"PromptFilter({len(self.terms)} terms, {len(self.patterns)} patterns)"
 
 
-def make_filter(cfg: Optional[Mapping[str, Any]] = None) -> PromptFilter:
-    """Builds a `PromptFilter` from a config section (dict or ml_collections.ConfigDict).
+def make_filter(cfg: Mapping[str, Any]) -> PromptFilter:
+    """Builds a `PromptFilter` from the ``prompt.filter`` config section (dict or ConfigDict).
 
     Args:
-      cfg: None (defaults) or a mapping with optional keys ``enabled`` (bool, default True;
-        False gives a filter that allows everything), ``blocked_terms`` (list of str; None or
-        absent: `DEFAULT_BLOCKED_TERMS`) and ``blocked_patterns`` (list of regex str; None or
-        absent: none).
+      cfg: mapping with ``enabled`` (False gives a filter that allows everything),
+        ``blocked_terms`` (list of str; None: `DEFAULT_BLOCKED_TERMS`) and
+        ``blocked_patterns`` (list of regex str).
 
     Raises:
-      TypeError, ValueError: as `PromptFilter`.
+      KeyError: a key is missing. TypeError, ValueError: as `PromptFilter`.
     """
-    cfg = {} if cfg is None else cfg
-    if not cfg.get("enabled", True):
+    if not cfg["enabled"]:
         return PromptFilter(blocked_terms=(), blocked_patterns=())
-    terms = cfg.get("blocked_terms", None)
-    patterns = cfg.get("blocked_patterns", None)
-    return PromptFilter(
-        blocked_terms=DEFAULT_BLOCKED_TERMS if terms is None else terms,
-        blocked_patterns=() if patterns is None else patterns,
-    )
+    terms = cfg["blocked_terms"]
+    return PromptFilter(blocked_terms=DEFAULT_BLOCKED_TERMS if terms is None else terms,
+                        blocked_patterns=cfg["blocked_patterns"])

@@ -34,7 +34,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from data_pipelines import sources
+from sora_jax.data import sources
 
 __all__ = [
     "DIRECTIONS",

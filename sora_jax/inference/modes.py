@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from sora_jax.diffusion.conditioning import context_latent_frames, latent_frame_spans
-from sora_jax.generate import Generator, Request
+from sora_jax.inference.generate import Generator, Request
 
 MODES = ("t2v", "t2i", "i2v", "extend-forward", "extend-backward", "connect", "loop", "edit")
 NUM_INPUTS = {"t2v": 0, "t2i": 0, "i2v": 1, "extend-forward": 1, "extend-backward": 1,
@@ -128,7 +128,7 @@ def periodic_decode(decode: Callable[[np.ndarray], np.ndarray], first: np.ndarra
 
     Args:
       decode: (t, h, w, c) normalised latent -> (T, H, W, 3) uint8 video, causal in time with
-        ``T = 1 + td (t - 1)`` (:meth:`sora_jax.generate.Generator.decode`).
+        ``T = 1 + td (t - 1)`` (:meth:`sora_jax.inference.generate.Generator.decode`).
       first: (h, w, c) the latent that starts every causal sequence (frame 0, coded alone).
       period: (P, h, w, c) the loop's latents, P >= 1.
       periods: copies decoded, >= 2.

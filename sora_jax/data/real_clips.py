@@ -22,7 +22,7 @@ from typing import Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
-from data_pipelines import sources
+from sora_jax.data import sources
 
 __all__ = [
     "HELDOUT_VIDEO",

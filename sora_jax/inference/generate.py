@@ -4,25 +4,32 @@
 packed into shared rows (NaViT) and denoised in one sampler call; a request may carry clean
 context latent frames (image and video prompts, :mod:`sora_jax.diffusion.conditioning`) or an
 input latent to edit from a given strength (SDEdit). The prompt modes built on it (i2v,
-extension, connection, loops, editing) live in :mod:`sora_jax.modes`.
+extension, connection, loops, editing) live in :mod:`sora_jax.inference.modes`.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sora_jax.io import to_uint8
+from sora_jax.data.packing import pack, patchify, unpack, unpatchify
+from sora_jax.diffusion.conditioning import token_condition_mask
+from sora_jax.diffusion.flow import shift_time, time_shift_for_tokens
+from sora_jax.diffusion.samplers import SOLVERS, sample
+from sora_jax.errors import StageError
+from sora_jax.inference.latents import load_codec
+from sora_jax.io import to_float, to_uint8
+from sora_jax.models.factory import build_dit, latent_shape, text_encoder
+from sora_jax.train.run_folder import checkpoint_fingerprint, paths, restore
 
 
 class Request(NamedTuple):
     """One generation request.
 
-    prompt: text (already extended; see :mod:`sora_jax.prompts`).
+    prompt: text (already extended; see :mod:`sora_jax.inference.prompts`).
     frames, height, width: pixel shape of the video (frames = 1 + td k; 1 is an image).
     context: optional (t, h, w, c) float32 normalised latent of the video's shape; its frames
       where ``context_frames`` is True are given as clean context and kept unchanged.
@@ -54,27 +61,22 @@ class Generator:
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
-        from sora_jax import stages
-
         self.cfg = cfg
         self.workdir = workdir
-        self.codec = stages.load_codec(cfg, workdir)
-        self.dit = stages.build_dit(cfg)
-        self.dit_step = stages._restore(self.dit, stages.paths(workdir)["dit"], "dit")
-        self.text_encoder = stages.text_encoder(cfg.text.max_length)
+        self.codec = load_codec(cfg, workdir)
+        self.dit = build_dit(cfg)
+        self.dit_step = restore(self.dit, paths(workdir)["dit"], "dit")
+        self.text_encoder = text_encoder(cfg.text.max_length)
         self._hashes: dict[str, str] | None = None
 
     def checkpoint_hashes(self) -> dict[str, str]:
-        """``checkpoint_sha256`` (DiT) and ``vae_checkpoint_sha256`` of the run's latest
-        checkpoints (:func:`sora_jax.provenance.checkpoint_sha256`), hashed once per Generator:
-        every file of a checkpoint is read, optimizer state included."""
+        """``checkpoint_sha256`` (DiT) and ``vae_checkpoint_sha256``: the SHA-256 fingerprints
+        of the weights of the run's latest checkpoints
+        (:func:`sora_jax.train.run_folder.checkpoint_fingerprint`), hashed once per Generator."""
         if self._hashes is None:
-            from sora_jax.provenance import checkpoint_sha256
-            from sora_jax.stages import paths
-
             run = paths(self.workdir)
-            self._hashes = {"checkpoint_sha256": checkpoint_sha256(run["dit"]),
-                            "vae_checkpoint_sha256": checkpoint_sha256(run["vae"])}
+            self._hashes = {"checkpoint_sha256": checkpoint_fingerprint(run["dit"])["sha256"],
+                            "vae_checkpoint_sha256": checkpoint_fingerprint(run["vae"])["sha256"]}
         return dict(self._hashes)
 
     @property
@@ -83,14 +85,10 @@ class Generator:
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Latent (t, h, w, c) for a pixel request; StageError if the request is impossible."""
-        from sora_jax.stages import latent_shape
-
         return latent_shape(self.cfg, frames, height, width)
 
     def encode(self, video: np.ndarray) -> np.ndarray:
         """(T, H, W, 3) uint8 or float [-1, 1] -> (t, h, w, c) float32 normalised latent."""
-        from sora_jax.io import to_float
-
         return np.asarray(self.codec.encode(to_float(video)[None])[0], np.float32)
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
@@ -134,12 +132,6 @@ class Generator:
           StageError: an impossible shape, a context / init latent of the wrong shape, a
             strength outside [0, 1], or an unknown solver.
         """
-        from sora_jax.data.packing import pack, patchify, unpack, unpatchify
-        from sora_jax.diffusion.conditioning import token_condition_mask
-        from sora_jax.diffusion.flow import shift_time, time_shift_for_tokens
-        from sora_jax.diffusion.samplers import SOLVERS, sample
-        from sora_jax.stages import StageError
-
         if not requests:
             raise StageError("generate needs at least one request")
         if solver not in SOLVERS:
@@ -212,57 +204,5 @@ class Generator:
 
 
 def _check_latent(z: np.ndarray, shape: tuple[int, ...], what: str):
-    from sora_jax.stages import StageError
-
     if np.shape(z) != tuple(shape):
         raise StageError(f"{what} latent has shape {np.shape(z)}, expected {tuple(shape)}")
-
-
-def provenance_fields(gen: Generator, *, solver: str, steps: int, guidance: float | None,
-                      visual_guidance: float | None, inputs: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    """Provenance shared by every sample of one generation call (sampler settings, the model,
-    the SHA-256 of the DiT and VAE checkpoints; see :mod:`sora_jax.provenance`).
-
-    ``inputs``: ``[{"path", "sha256"}, ...]`` of the image / video files used as prompts, or
-    ``[{"source": name}]`` for bundled media.
-    """
-    return {
-        "sampler": solver, "steps": int(steps), "guidance": guidance, "visual_guidance": visual_guidance,
-        **gen.checkpoint_hashes(),
-        "checkpoint_step": gen.dit_step, "config_name": gen.cfg.name,
-        "model": {"dit": gen.cfg.dit.to_dict(), "vae": gen.cfg.vae.to_dict()},
-        "inputs": list(inputs or []),
-    }
-
-
-def write_sample(path_stem: str, video: np.ndarray, *, prompt: str, extended_prompt: str, seed: int,
-                 fields: dict[str, Any], info: dict[str, Any], fps: int = 8) -> dict[str, Any]:
-    """Writes one sample (``.mp4``, or ``.png`` for one frame) with its provenance embedded and a
-    sidecar ``.json``; returns the samples.json entry (paths, prompts, shape and ``info``)."""
-    from sora_jax.provenance import provenance_record, write_outputs
-
-    record = provenance_record(prompt=prompt, extended_prompt=extended_prompt, seed=int(seed),
-                               height=int(video.shape[1]), width=int(video.shape[2]),
-                               **fields, **info)
-    scale = max(1, 128 // max(video.shape[1:3]))
-    files = write_outputs(path_stem, video, record, fps=fps, scale=scale)
-    return {"prompt": prompt, "extended_prompt": extended_prompt, "path": files["media"],
-            "sidecar": files["sidecar"], "shape": list(video.shape[:3]), **info}
-
-
-def write_samples(out_dir: str, prompts: list[str], videos: list[np.ndarray], info: dict[str, Any],
-                  fps: int = 8) -> list[dict[str, str]]:
-    """Writes ``sample_XX.mp4`` per video, ``contact_sheet.png`` and ``samples.json``."""
-    from sora_jax.io import write_contact_sheet, write_json, write_mp4
-
-    os.makedirs(out_dir, exist_ok=True)
-    samples = []
-    scale = max(1, 128 // max(videos[0].shape[1:3]))
-    for i, (prompt, video) in enumerate(zip(prompts, videos)):
-        path = os.path.join(out_dir, f"sample_{i:02d}.mp4")
-        write_mp4(path, video, fps=fps, scale=scale, metadata={"prompt": prompt, **{k: str(v) for k, v in info.items()}})
-        samples.append({"prompt": prompt, "path": path, "shape": list(video.shape[:3])})
-    write_contact_sheet(os.path.join(out_dir, "contact_sheet.png"), videos, labels=list(prompts),
-                        scale=max(1, scale // 2))
-    write_json(os.path.join(out_dir, "samples.json"), dict(info, samples=samples))
-    return samples

@@ -10,7 +10,6 @@ Embedded form: one entry per record key (str values as they are, other values JS
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import pathlib
@@ -18,14 +17,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+import sora_jax
 from sora_jax import io
 
 __all__ = [
     "PROVENANCE_KEYS",
     "OPTIONAL_PROVENANCE_KEYS",
     "EMBEDDED_RECORD_KEY",
-    "file_sha256",
-    "checkpoint_sha256",
     "provenance_record",
     "write_outputs",
     "read_provenance",
@@ -39,7 +37,7 @@ PROVENANCE_KEYS: tuple[str, ...] = (
     "sampler",
     "steps",
     "guidance",
-    "checkpoint_sha256",  # `checkpoint_sha256` of the checkpoint used
+    "checkpoint_sha256",  # of the DiT checkpoint used: sora_jax.train.run_folder.checkpoint_fingerprint
     "created",  # UTC, ISO 8601
 )
 # Recorded when known; `provenance_record` also accepts keys outside both lists.
@@ -57,60 +55,6 @@ OPTIONAL_PROVENANCE_KEYS: tuple[str, ...] = (
     "sora_jax_version",
 )
 EMBEDDED_RECORD_KEY = "sora_jax_provenance"
-
-_BLOCK = 1 << 20  # read files in 1 MiB blocks: checkpoints can be far larger than memory allows
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks.
-
-    Raises:
-      FileNotFoundError: the path does not exist.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def checkpoint_sha256(run_dir: str | os.PathLike, step: int | None = None) -> str:
-    """Hex sha256 over the contents of one checkpoint folder ``<run_dir>/checkpoints/<step>/``.
-
-    Files are visited in sorted order of their relative POSIX paths; for each, the path, its byte
-    count and its bytes are hashed, so the digest depends on names and contents only (not on
-    creation order, timestamps or permissions) and moving bytes between files changes it.
-
-    Args:
-      run_dir: the training run folder (the one that holds ``checkpoints/``).
-      step: which checkpoint; None: the latest, i.e. the largest all-digit sub-folder name
-        (orbax's temporary folders, whose names are not all digits, are ignored).
-
-    Raises:
-      FileNotFoundError: no ``checkpoints/`` folder, no step folder in it, or no folder for
-        ``step``; the message names the folder looked in.
-    """
-    root = pathlib.Path(run_dir) / "checkpoints"
-    if step is None:
-        steps = []
-        if root.is_dir():
-            steps = [int(d.name) for d in root.iterdir() if d.is_dir() and d.name.isdigit()]
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint under {root} (expected <step>/ sub-folders)")
-        step = max(steps)
-    folder = root / str(int(step))
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no checkpoint folder {folder}")
-    files = sorted((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    for rel, path in files:
-        # Length-prefixed so that no two different folders feed the hash the same byte stream.
-        h.update(f"{rel}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as f:
-            while block := f.read(_BLOCK):
-                h.update(block)
-    return h.hexdigest()
-
 
 def provenance_record(**fields: Any) -> dict[str, Any]:
     """Validated provenance record.
@@ -135,11 +79,7 @@ def provenance_record(**fields: Any) -> dict[str, Any]:
         now = datetime.datetime.now(datetime.timezone.utc)
         record["created"] = now.isoformat(timespec="seconds")
     if "sora_jax_version" not in record:
-        import sora_jax
-
-        version = getattr(sora_jax, "__version__", None)
-        if version is not None:
-            record["sora_jax_version"] = version
+        record["sora_jax_version"] = sora_jax.__version__
     missing = [k for k in PROVENANCE_KEYS if k not in record]
     if missing:
         raise ValueError(f"provenance record is missing required keys {missing}")

@@ -14,10 +14,15 @@ from typing import Iterable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
-__all__ = ["VAECodec", "latent_statistics", "set_latent_statistics"]
+from sora_jax.models.factory import build_vae
+from sora_jax.models.vae_streaming import StreamingVAE
+from sora_jax.train.run_folder import paths, restore
+
+__all__ = ["VAECodec", "latent_statistics", "load_codec", "set_latent_statistics"]
 
 
 class VAECodec:
@@ -51,8 +56,6 @@ class VAECodec:
         self._decode = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
         self.streaming = None
         if chunk or tile:
-            from sora_jax.models.vae_streaming import StreamingVAE
-
             self.streaming = StreamingVAE(vae, chunk=chunk or None, tile=tile or None,
                                           overlap=overlap or None)
 
@@ -145,3 +148,21 @@ def set_latent_statistics(vae: nnx.Module, videos: Iterable[np.ndarray]) -> tupl
     vae.latent_shift[...] = jnp.asarray(shift)
     vae.latent_scale[...] = jnp.asarray(scale)
     return shift, scale
+
+
+def load_codec(cfg: ml_collections.ConfigDict, workdir: str) -> VAECodec:
+    """The trained autoencoder of a run folder as a :class:`VAECodec`, streaming as
+    ``cfg.vae_inference`` says (chunk / tile / overlap; the identity autoencoder has nothing to
+    stream). Its latent statistics come back with the checkpoint (the model's
+    ``latent_shift`` / ``latent_scale`` variables).
+
+    Raises:
+      StageError: the run folder has no VAE checkpoint, or one of another model.
+    """
+    vae = build_vae(cfg)
+    # checkpoints hold a VAETrainModel; inference reads its autoencoder only
+    restore(vae, paths(workdir)["vae"], "vae", subtree="vae")
+    if cfg.vae.kind == "identity":
+        return VAECodec(vae)
+    i = cfg.vae_inference
+    return VAECodec(vae, chunk=i.chunk, tile=i.tile, overlap=i.overlap)

