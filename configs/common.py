@@ -26,6 +26,12 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
             # peak FLOP/s of one device for the MFU metric; 0 = the data-sheet table by device
             # kind, or on CPU a matmul measured at start (sora_jax/train/throughput.py)
             peak_flops_per_device=0.0,
+            # a jax.profiler trace of steps [profile_start_step, + profile_steps) into logs/
+            # (TensorBoard's profile plugin); 0 steps = no trace
+            profile_start_step=10,
+            profile_steps=0,
+            # JAX's persistent compilation cache (a folder, shared by runs and hosts); "" = off
+            compilation_cache_dir="",
         )
     )
     cfg.update(overrides)
@@ -45,10 +51,13 @@ def packing_section(**overrides) -> dict:
     data: training latents, "prefix[:weight],prefix[:weight]" (e.g. images and videos encoded
       apart, mixed by weight); "" = the run's own encoded Moving MNIST latents.
     real_clips: with data "", also the run's real video crops and photos (real_clips_train).
+    data_workers: processes that run the per-example NaViT work (Grain's multiprocess
+      prefetch; the same batches as 0 = in the training process). A pod's hosts want several;
+      the 2-core quickstart none.
     """
     cfg = dict(row_length=256, text_length=64, max_tokens=256, resolution="native", min_scale=0.5,
                token_drop_rate=0.0, token_drop_distribution="fixed", packing_bins=8,
-               max_examples_per_row=8, data="", real_clips=False)
+               max_examples_per_row=8, data="", real_clips=False, data_workers=0)
     cfg.update(overrides)
     return cfg
 

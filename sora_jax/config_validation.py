@@ -94,8 +94,10 @@ def check_train(t: ml_collections.ConfigDict, key: str):
     ``train_section``)."""
     for name in ("steps", "batch_size", "log_every", "checkpoint_every", "max_to_keep"):
         _int(t, name, key, 1)
-    for name in ("warmup_steps", "seed", "nonfinite_limit"):
+    for name in ("warmup_steps", "seed", "nonfinite_limit", "profile_start_step", "profile_steps"):
         _int(t, name, key, 0)
+    if not isinstance(t.compilation_cache_dir, str):
+        raise _bad(f"{key}.compilation_cache_dir", f"must be a folder path or '', got {t.compilation_cache_dir!r}")
     _float(t, "learning_rate", key, 0.0, low_open=True)
     _float(t, "min_lr_ratio", key, 0.0, 1.0)
     _float(t, "weight_decay", key, 0.0)
@@ -262,6 +264,7 @@ def check_dit_train(cfg: ml_collections.ConfigDict):
     _choice(t, "token_drop_distribution", "dit_train", navit.TOKEN_DROP_DISTRIBUTIONS)
     _int(t, "packing_bins", "dit_train", 1)
     _int(t, "max_examples_per_row", "dit_train")  # 0 = no cap
+    _int(t, "data_workers", "dit_train")
     if not isinstance(t.data, str):
         raise _bad("dit_train.data", f"must be a string 'prefix[:weight],...', got {t.data!r}")
     for item in filter(None, (i.strip() for i in t.data.split(","))):

@@ -31,7 +31,7 @@ def _records(n=48, channels=2, seed=0):
 def _cfg(**kw):
     c = dict(batch_size=2, row_length=64, text_length=16, max_tokens=64, resolution="native",
              min_scale=0.5, token_drop_rate=0.0, token_drop_distribution="fixed", packing_bins=4,
-             max_examples_per_row=6)
+             max_examples_per_row=6, data_workers=0)
     c.update(kw)
     return ml_collections.ConfigDict(c)
 
@@ -149,6 +149,29 @@ def test_iterator_state_resumes_the_exact_batches():
     resumed = iter(packed_dataset(src, cfg, PATCH, seed=1))
     resumed.set_state(state)
     _assert_batches_equal([next(resumed) for _ in range(6)], expected)
+
+
+def test_worker_processes_give_the_same_batches_and_resume_exactly():
+    """The per-example NaViT work in 2 Grain worker processes: the in-process batches, and a
+    checkpointed iterator state (the workers' positions) resumes them exactly."""
+    src = grain.MapDataset.source(_records())
+    cfg = _cfg(token_drop_rate=0.3, resolution="uniform")
+    expected = _take(packed_dataset(src, cfg, PATCH, seed=1), 12)
+    workers = packed_dataset(src, _cfg(token_drop_rate=0.3, resolution="uniform", data_workers=2),
+                             PATCH, seed=1)
+    it = iter(workers)
+    try:
+        got = [next(it) for _ in range(6)]
+        state = json.loads(json.dumps(it.get_state()))
+    finally:
+        it.close()
+    _assert_batches_equal(got, expected[:6])
+    resumed = iter(workers)
+    try:
+        resumed.set_state(state)
+        _assert_batches_equal([next(resumed) for _ in range(6)], expected[6:])
+    finally:
+        resumed.close()
 
 
 def test_process_shards_are_disjoint_and_complete():

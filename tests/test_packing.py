@@ -91,3 +91,25 @@ def test_pack_oversize_raises():
         pack([_example(rng, (3, 4, 6, 2))], batch_size=4, length=16, text_length=8)
     with pytest.raises(ValueError, match="text tokens"):
         pack([_example(rng, (1, 2, 2, 2), m=9)], batch_size=4, length=16, text_length=8)
+
+
+def test_space_to_depth_orders_features_pt_ph_pw_c_and_inverts_on_numpy_and_jax():
+    import jax.numpy as jnp
+
+    from sora_jax.data.patches import depth_to_space, space_to_depth
+
+    # every value names its own (b, t, y, x, c): the feature order can be read off the output
+    b, t, h, w, c = 2, 4, 6, 4, 3
+    idx = np.stack(np.meshgrid(*(np.arange(n) for n in (b, t, h, w, c)), indexing="ij"), -1)
+    x = (idx * np.array([10000, 1000, 100, 10, 1])).sum(-1).astype(np.float32)
+    out = space_to_depth(x, (2, 3, 2))
+    assert out.shape == (b, t // 2, h // 3, w // 2, 2 * 3 * 2 * c)
+    feature = 0
+    for dt in range(2):
+        for dy in range(3):
+            for dx in range(2):
+                for ch in range(c):
+                    np.testing.assert_array_equal(out[1, 1, 1, 0, feature], x[1, 2 + dt, 3 + dy, dx, ch])
+                    feature += 1
+    np.testing.assert_array_equal(depth_to_space(out, (2, 3, 2)), x)
+    np.testing.assert_array_equal(np.asarray(space_to_depth(jnp.asarray(x), (2, 3, 2))), out)

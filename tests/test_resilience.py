@@ -1,8 +1,11 @@
 """A training loop that survives: non-finite steps skipped, SIGTERM saves, SIGKILL resumes
-bit for bit, a corrupt latest checkpoint falls back to the one before."""
+bit for bit (and logs every step once), a corrupt latest checkpoint falls back to the one
+before."""
 
+import glob
 import json
 import os
+import struct
 import signal
 import subprocess
 import sys
@@ -79,14 +82,53 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params(resumed), params(straight))
 
 
-def _losses(workdir) -> dict[int, float]:
-    """Per-step loss, the last record of each step (a resumed run re-logs the steps it redoes)."""
-    out = {}
+def _rows(workdir) -> list[tuple[int, float]]:
+    """(step, loss) of every row of metrics.jsonl, in file order."""
     path = os.path.join(workdir, "logs", "metrics.jsonl")
-    if os.path.exists(path):
-        for line in open(path):
+    if not os.path.exists(path):
+        return []
+    rows = []
+    for line in open(path):
+        try:
             rec = json.loads(line)
-            out[rec["step"]] = rec["reg/loss"]
+        except ValueError:  # a row being written right now
+            continue
+        rows.append((rec["step"], rec["reg/loss"]))
+    return rows
+
+
+def _losses(workdir) -> dict[int, float]:
+    """Per-step loss (the last row of a step)."""
+    return dict(_rows(workdir))
+
+
+def _events(path):
+    """Event protos of a TensorBoard event file (TFRecord framing; CRCs not checked)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            (length,) = struct.unpack("<Q", header[:8])
+            data = f.read(length)
+            f.read(4)
+            event = Event()
+            event.ParseFromString(data)
+            yield event
+
+
+def _tensorboard_view(logdir, tag):
+    """{step: [values]} as TensorBoard shows a tag: files in name order, and a SessionLog.START
+    at step s discards the earlier files' events at steps >= s (its purge of orphaned steps)."""
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        for e in _events(path):
+            if e.HasField("session_log") and e.session_log.status == SessionLog.START:
+                out = {k: v for k, v in out.items() if k < e.step}
+            for v in e.summary.value:
+                if v.tag == tag:
+                    out.setdefault(e.step, []).append(v.simple_value)
     return out
 
 
@@ -121,11 +163,19 @@ def test_sigkill_then_resume_gives_bitwise_identical_losses(tmp_path, uninterrup
     assert proc.returncode == -signal.SIGKILL
     killed_at = max(_losses(tmp_path))
     assert killed_at < 12
+    checkpointed = max(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     resumed = _start(tmp_path, 12, 0.0)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
     got = _losses(tmp_path)
     assert sorted(got) == list(range(1, 13))
     assert got == uninterrupted  # float for float, every step, before and after the kill
+    # each step logged once, although the killed run logged past its last checkpoint (most
+    # runs: the kill lands between checkpoints) and the resumed run logged those steps again
+    assert checkpointed <= killed_at
+    assert [step for step, _ in _rows(tmp_path)] == list(range(1, 13))
+    shown = _tensorboard_view(tmp_path / "logs", "reg/loss")
+    assert {k: len(v) for k, v in shown.items()} == {k: 1 for k in range(1, 13)}
+    assert {k: v[0] for k, v in shown.items()} == {k: np.float32(v) for k, v in got.items()}
 
 
 def test_sigterm_saves_and_exits_then_resumes_exactly(tmp_path, uninterrupted):

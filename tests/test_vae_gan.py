@@ -19,7 +19,7 @@ from sora_jax.models.vae_loss import (
     adaptive_weight, hinge_d_loss, hinge_g_loss, ssim, ssim_per_frame, vae_loss, vae_loss_settings,
 )
 from sora_jax.train.checkpoint import Checkpointer
-from sora_jax.train.steps import start_at, vae_loss_fn, vae_optimizer_fn
+from sora_jax.train.steps import vae_loss_fn, vae_optimizer_fn
 from sora_jax.train.trainer import TrainTask, train
 
 # Small enough to compile in seconds; patch_size 2 puts depth_to_space after the last layer.
@@ -204,14 +204,21 @@ def test_generator_and_discriminator_gradients_come_from_their_own_losses(gan_gr
     assert float(metrics["d_loss"]) == pytest.approx(float(d_loss), rel=1e-5)
 
 
-def test_start_at_holds_updates_and_state():
-    tx = start_at(optax.adamw(0.1, weight_decay=0.5), 2)
-    p = {"w": jnp.ones(3)}
+def test_discriminator_optimizer_is_held_until_disc_start():
+    """Zero discriminator updates (weight decay on) and a frozen AdamW state before disc_start;
+    the VAE part is updated from its first step of non-zero learning rate."""
+    cfg = train_section(steps=10, learning_rate=0.1, warmup_steps=1, weight_decay=0.5)
+    tx, _ = vae_optimizer_fn(dict(LOSS, disc_start=2))(cfg)
+    p = {"vae": {"w": jnp.ones(3)}, "discriminator": {"w": jnp.ones(3)}}
     state = tx.init(p)
     for i in range(3):
-        u, state = tx.update({"w": jnp.ones(3)}, state, p)
-        assert (float(jnp.abs(u["w"]).sum()) == 0.0) == (i < 2)
-    assert int(state.inner[0].count) == 1  # the inner Adam saw only the live update
+        u, state = tx.update(jax.tree.map(jnp.ones_like, p), state, p)
+        assert (float(jnp.abs(u["discriminator"]["w"]).sum()) == 0.0) == (i < 2)
+        assert (float(jnp.abs(u["vae"]["w"]).sum()) > 0) == (i > 0)  # warm-up starts at lr 0
+    disc_adam = jax.tree.leaves(state.inner_states["disc"].inner_state,
+                                is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+    counts = [int(s.count) for s in disc_adam if isinstance(s, optax.ScaleByAdamState)]
+    assert counts == [1]  # the inner AdamW saw only the live update
 
 
 def test_discriminator_switches_on_at_the_configured_step(tmp_path):

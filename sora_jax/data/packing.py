@@ -14,6 +14,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from sora_jax.data.patches import depth_to_space, space_to_depth
+
 
 def patchify(latent: np.ndarray, patch: Sequence[int] = (1, 2, 2)) -> tuple[np.ndarray, np.ndarray]:
     """Cuts a channels-last latent into spacetime-patch tokens.
@@ -39,8 +41,7 @@ def patchify(latent: np.ndarray, patch: Sequence[int] = (1, 2, 2)) -> tuple[np.n
         raise ValueError(f"latent shape (t, h, w)={latent.shape[:3]} is not divisible by "
                          f"patch {tuple(patch)}")
     nt, nh, nw = t // pt, h // ph, w // pw
-    x = latent.reshape(nt, pt, nh, ph, nw, pw, c).transpose(0, 2, 4, 1, 3, 5, 6)
-    tokens = x.reshape(nt * nh * nw, pt * ph * pw * c)
+    tokens = space_to_depth(latent, patch).reshape(nt * nh * nw, pt * ph * pw * c)
     grid = np.stack(np.meshgrid(np.arange(nt), np.arange(nh), np.arange(nw), indexing="ij"),
                     axis=-1)
     return tokens, grid.reshape(-1, 3).astype(np.int32)
@@ -68,8 +69,7 @@ def unpatchify(tokens: np.ndarray, grid: Sequence[int], patch: Sequence[int],
     if tokens.shape != (nt * nh * nw, pt * ph * pw * channels):
         raise ValueError(f"tokens shape {tokens.shape} does not match grid {tuple(grid)}, "
                          f"patch {tuple(patch)}, channels {channels}")
-    x = tokens.reshape(nt, nh, nw, pt, ph, pw, channels).transpose(0, 3, 1, 4, 2, 5, 6)
-    return x.reshape(nt * pt, nh * ph, nw * pw, channels)
+    return depth_to_space(tokens.reshape(nt, nh, nw, pt * ph * pw * channels), patch)
 
 
 class Placement(NamedTuple):

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from sora_jax.data.records import read_dataset
 from sora_jax.data import navit
@@ -167,20 +168,24 @@ def packed_dataset(source: grain.MapDataset, cfg: ml_collections.ConfigDict,
 
     source -> shuffle (a new permutation every epoch) -> repeat -> :class:`NaViTExample`
     (random map: its generator is a function of ``seed`` and the element index, so every
-    draw is reproducible) -> ``grain.experimental.FirstFitPackIterDataset`` (rows of
+    draw is reproducible) -> with ``data_workers`` > 0, Grain's multiprocess prefetch (the
+    per-example work above runs in that many worker processes; worker i takes elements
+    i, i + n, ... and their outputs are interleaved back in order, so the batches are the
+    same as in-process) -> ``grain.experimental.FirstFitPackIterDataset`` (rows of
     ``row_length`` latent and ``text_length`` text tokens, at most ``max_examples_per_row``
     examples each, ``packing_bins`` rows filled at once) -> batch of this process's
     ``batch_size // process_count`` rows.
 
     Iterate with ``it = iter(ds)``; ``it.get_state()`` / ``it.set_state(state)`` checkpoint
-    and restore the exact position (used by the trainer).
+    and restore the exact position (used by the trainer; JSON-serialisable, the workers'
+    positions included); ``it.close()`` stops the workers.
 
     Args:
       source: records (see :class:`NaViTExample`), already sharded for this process
         (:func:`mixed_source`).
       cfg: the ``dit_train`` section (``batch_size``: rows of the global batch, over all
-        processes; ``row_length``, ``text_length``, ``packing_bins``, ``max_examples_per_row``
-        and :class:`NaViTExample`'s fields).
+        processes; ``row_length``, ``text_length``, ``packing_bins``, ``max_examples_per_row``,
+        ``data_workers`` and :class:`NaViTExample`'s fields).
       patch: DiT patch (pt, ph, pw).
       seed: data seed.
       text_table: see :class:`NaViTExample`.
@@ -202,10 +207,15 @@ def packed_dataset(source: grain.MapDataset, cfg: ml_collections.ConfigDict,
     rows = int(cfg.batch_size) // process_count
     length = int(cfg.row_length)
     ds = source.shuffle(seed=seed).repeat()
-    ds = ds.random_map(NaViTExample(cfg, patch, text_table), seed=seed)
+    examples = ds.random_map(NaViTExample(cfg, patch, text_table), seed=seed).to_iter_dataset()
+    if cfg.data_workers:
+        # Grain's workers read absl flags, which a program without absl.app never parses
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg.data_workers)))
     bins = max(int(cfg.packing_bins), rows)
     packed = grain.experimental.FirstFitPackIterDataset(
-        ds.to_iter_dataset(),
+        examples,
         length_struct={"tokens": length, "positions": length, "loss_mask": length,
                        "text": int(cfg.text_length)},
         num_packing_bins=bins, seed=seed, shuffle_bins=True,

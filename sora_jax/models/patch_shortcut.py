@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sora_jax.data.patches import depth_to_space, space_to_depth
+
 __all__ = ["LinearPatchShortcut"]
 
 
@@ -61,18 +63,13 @@ class LinearPatchShortcut(nnx.Module):
         td, s = self.temporal, self.spatial
         if first:
             video = jnp.concatenate([jnp.repeat(video[:, :1], td - 1, axis=1), video], axis=1)
-        b, T, H, W, C = video.shape
-        t = T // td
-        x = video.reshape(b, t, td, H // s, s, W // s, s, C).transpose(0, 1, 3, 5, 2, 4, 6, 7)
-        return x.reshape(b, t, H // s, W // s, td * s * s * C)
+        return space_to_depth(video, (td, s, s))
 
     def unblocks(self, x: jax.Array, first: bool = True) -> jax.Array:
         """Inverse of ``blocks``: (B, t, h, w, td*s*s*C) -> (B, T, h*s, w*s, C), dropping the
         td - 1 padding frames of latent 0 when ``first``."""
-        td, s, C = self.temporal, self.spatial, self.in_channels
-        b, t, h, w, _ = x.shape
-        x = x.reshape(b, t, h, w, td, s, s, C).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-        x = x.reshape(b, t * td, h * s, w * s, C)
+        td, s = self.temporal, self.spatial
+        x = depth_to_space(x, (td, s, s))
         return x[:, td - 1:] if first else x
 
     def encode(self, video: jax.Array, first: bool = True) -> jax.Array:

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sora_jax.data.patches import depth_to_space, space_to_depth
 from sora_jax.models.patch_shortcut import LinearPatchShortcut
 
 __all__ = [
@@ -631,25 +632,6 @@ class CausalDecoder(nnx.Module):
         return self.conv_out(nnx.silu(self.norm_out(h)), cache)
 
 
-def space_to_depth(x: jax.Array, p: int) -> jax.Array:
-    """(B, T, H, W, C) -> (B, T, H / p, W / p, p * p * C): each p x p pixel block to channels."""
-    if p == 1:
-        return x
-    b, t, h, w, c = x.shape
-    x = x.reshape(b, t, h // p, p, w // p, p, c)
-    return x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h // p, w // p, p * p * c)
-
-
-def depth_to_space(x: jax.Array, p: int) -> jax.Array:
-    """Inverse of ``space_to_depth``: (B, T, h, w, p * p * C) -> (B, T, h * p, w * p, C)."""
-    if p == 1:
-        return x
-    b, t, h, w, pc = x.shape
-    c = pc // (p * p)
-    x = x.reshape(b, t, h, w, p, p, c)
-    return x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h * p, w * p, c)
-
-
 def _call_block(block: nnx.Module, x: jax.Array) -> jax.Array:
     return block(x)
 
@@ -859,7 +841,7 @@ class CausalVAE(nnx.Module):
             T = T + 1  # the dims check below then sees a valid 1 + td*k length
         self._check_video_dims(T, H, W, what=f"video of shape {tuple(video.shape)}")
         first = cache is None or cache.first
-        mean, logvar = self.encoder(space_to_depth(video, self.patch_size), cache)
+        mean, logvar = self.encoder(space_to_depth(video, (1, self.patch_size, self.patch_size)), cache)
         if self.shortcut is not None:
             mean = mean + self.shortcut.encode(video, first).astype(mean.dtype)
         return mean, logvar
@@ -888,7 +870,7 @@ class CausalVAE(nnx.Module):
                 f"t, h, w >= 1, got {z.shape}"
             )
         first = cache is None or cache.first
-        out = depth_to_space(self.decoder(z, cache), self.patch_size)
+        out = depth_to_space(self.decoder(z, cache), (1, self.patch_size, self.patch_size))
         if self.shortcut is not None:
             out = out + self.shortcut.decode(z, first).astype(out.dtype)
         return out

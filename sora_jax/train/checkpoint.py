@@ -199,6 +199,13 @@ class Checkpointer:
             step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(_IteratorState())))
         return dict(restored["data"].state)
 
+    def reached_preemption(self, step: int) -> bool:
+        """True once, at the step every process of a ``jax.distributed`` job agrees to stop at
+        after a preemption notice (SIGTERM) reached any of them (Orbax's
+        ``CheckpointManager.reached_preemption``, on JAX's preemption sync manager); False
+        outside such a job."""
+        return bool(self.manager.reached_preemption(int(step)))
+
     def wait(self):
         """Blocks until pending asynchronous saves are on disk."""
         self.manager.wait_until_finished()

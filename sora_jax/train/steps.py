@@ -23,7 +23,7 @@ from sora_jax.models.vae_loss import (
 )
 from sora_jax.train.trainer import OptimizerFn, clipped_adamw, make_optimizer, make_schedule
 
-__all__ = ["dit_loss_fn", "start_at", "vae_loss_fn", "vae_optimizer_fn"]
+__all__ = ["dit_loss_fn", "vae_loss_fn", "vae_optimizer_fn"]
 
 # G_L of VQGAN eq. 7: the decoder's output conv (``CausalVAE.decoder.conv_out``).
 _LAST_LAYER = ("decoder", "conv_out", "kernel")
@@ -179,48 +179,6 @@ def vae_loss_fn(loss_cfg: Mapping[str, Any] | ml_collections.ConfigDict):
     return loss_fn
 
 
-class _StartAtState(NamedTuple):
-    count: jax.Array  # updates seen so far, int32
-    inner: optax.OptState
-
-
-def start_at(inner: optax.GradientTransformation, start: int) -> optax.GradientTransformation:
-    """``inner`` held off for the first ``start`` updates: zero updates, ``inner``'s state frozen.
-
-    Freezing matters beyond zero gradients: AdamW's weight decay would still move parameters,
-    and a bias-correction count advanced over steps with zero gradients over-scales the first
-    real updates. ``inner``'s own step count (and so any schedule in it) starts at 0 on the
-    first live update.
-
-    Args:
-      inner: the transformation to gate.
-      start: number of leading updates to skip (>= 0).
-
-    Returns:
-      An ``optax.GradientTransformation`` with the parameter structure of ``inner``.
-
-    Raises:
-      ValueError: start < 0.
-    """
-    if start < 0:
-        raise ValueError(f"start must be >= 0, got {start}")
-
-    def init(params):
-        return _StartAtState(jnp.zeros((), jnp.int32), inner.init(params))
-
-    def update(updates, state, params=None):
-        # lax.cond, so the held-off inner update (AdamW over every discriminator parameter)
-        # is not computed at all, only zeros written.
-        new_updates, new_inner = jax.lax.cond(
-            state.count >= start,
-            lambda: inner.update(updates, state.inner, params),
-            lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner),
-        )
-        return new_updates, _StartAtState(state.count + 1, new_inner)
-
-    return optax.GradientTransformation(init, update)
-
-
 def _part_labels(params):
     # Top-level key of a VAETrainModel's parameter tree: "vae" or "discriminator".
     return jax.tree_util.tree_map_with_path(
@@ -235,7 +193,11 @@ def vae_optimizer_fn(loss_cfg: Mapping[str, Any] | ml_collections.ConfigDict) ->
     ``optax.multi_transform`` of two clipped AdamWs from the same ``train`` config, so each
     part is clipped by its own global norm (a discriminator's large gradients must not shrink
     the VAE's): the VAE's at the config's schedule; the discriminator's at
-    ``disc_lr_mult * schedule(step)``, held off by ``start_at`` until step ``disc_start``.
+    ``disc_lr_mult * schedule(step)``, held off until step ``disc_start`` by
+    ``optax.transforms.conditionally_mask``: zero updates and its AdamW state frozen (weight
+    decay would otherwise still move it, and a bias-correction count advanced over held-off
+    steps would over-scale its first real updates); its inner count starts at 0 on the first
+    live update.
 
     Returns:
       ``train config -> (transformation, VAE learning-rate schedule)``.
@@ -250,9 +212,10 @@ def vae_optimizer_fn(loss_cfg: Mapping[str, Any] | ml_collections.ConfigDict) ->
 
     def make(cfg: ml_collections.ConfigDict):
         schedule = make_schedule(cfg)
-        # start_at restarts the inner count at 0 on the first live update; shift it back so the
-        # discriminator follows the run's schedule from step disc_start on.
-        disc = start_at(clipped_adamw(cfg, lambda n: mult * schedule(n + start)), start)
+        # the inner count restarts at 0 on the first live update; shift it back so the
+        # discriminator follows the run's schedule from step disc_start on
+        disc = optax.transforms.conditionally_mask(
+            clipped_adamw(cfg, lambda n: mult * schedule(n + start)), lambda count: count >= start)
         tx = optax.multi_transform({"vae": clipped_adamw(cfg, schedule), "disc": disc}, _part_labels)
         return tx, schedule
 

@@ -94,31 +94,59 @@ class Preempted(RuntimeError):
         self.step = step
 
 
-class _SigtermFlag:
-    """Sets a flag on SIGTERM (preemption notice) while installed; the loop checks it between
-    steps. Only the main thread may install signal handlers: elsewhere this is inert."""
+class _Preemption:
+    """Whether to stop after a step because a preemption notice (SIGTERM) arrived.
 
-    def __init__(self):
-        self.event, self.previous = threading.Event(), None
+    In a ``jax.distributed`` job JAX's preemption notifier catches SIGTERM on any process and
+    its sync manager agrees on one step at which every process sees the notice (Orbax's
+    ``CheckpointManager.reached_preemption``): no per-step host synchronisation, and every
+    process stops at the same step. A Python handler would replace JAX's, so none is installed
+    there. A single process sets a flag from its own SIGTERM handler (main thread only;
+    elsewhere inert).
+    """
+
+    def __init__(self, ckpt: Checkpointer):
+        self.ckpt, self.event, self.previous = ckpt, threading.Event(), None
+        self.synced = jax.distributed.is_initialized()
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if not self.synced and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.event.set())
-        return self.event
+        return self
 
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
 
+    def reached(self, step: int) -> bool:
+        """True once at the step where the run stops (call after every step, in order)."""
+        return self.ckpt.reached_preemption(step) if self.synced else self.event.is_set()
 
-def _any_process(flag: bool) -> bool:
-    """True when ``flag`` is set on any process. Processes must agree on when to stop: one
-    that saved and stopped alone would leave the others waiting in the next step's collectives.
-    A host synchronisation per call: the loop makes it only when several processes train
-    together."""
-    from jax.experimental import multihost_utils
 
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+class _TraceWindow:
+    """A ``jax.profiler`` trace of steps [start, start + steps) into ``logdir`` (TensorBoard's
+    profile plugin reads ``logdir/plugins/profile``); steps == 0: no trace. Every step is a
+    ``StepTraceAnnotation`` in it."""
+
+    def __init__(self, logdir: str, start: int, steps: int):
+        self.logdir, self.start, self.stop, self.active = logdir, start, start + steps, False
+        self.enabled = steps > 0
+
+    def before(self, i: int):
+        if self.enabled and i == self.start:
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+
+    def after(self, i: int, out):
+        if self.active and i + 1 >= self.stop:
+            jax.block_until_ready(out)  # the traced steps' device work, not only their dispatch
+            self.close()
+
+    def close(self):
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            log.info("profile of steps %d-%d written to %s", self.start, self.stop - 1, self.logdir)
 
 
 def _restore_latest(ckpt: Checkpointer, task: "TrainTask", optimizer) -> tuple[int, Any]:
@@ -169,6 +197,11 @@ class _Batches:
             elif start > 0:
                 raise ValueError(f"{task.name}: checkpoint at step {start} holds no data "
                                  "iterator state; cannot resume the input pipeline exactly")
+
+    def close(self):
+        """Stops the input pipeline's worker processes, if it has any."""
+        if self.iterator is not None and hasattr(self.iterator, "close"):
+            self.iterator.close()
 
     def next(self) -> tuple[Batch, dict[str, Any] | None]:
         if self.iterator is None:
@@ -312,9 +345,12 @@ def train(
 
     Args:
       task: model, loss and data.
-      cfg: a ``train`` config section (see ``configs/quickstart.py``): steps, learning_rate,
-        warmup_steps, weight_decay, grad_clip, b1, b2, min_lr_ratio, seed, log_every,
-        checkpoint_every, max_to_keep.
+      cfg: a ``train`` config section (``configs/common.py``'s ``train_section``): steps,
+        learning_rate, warmup_steps, weight_decay, grad_clip, b1, b2, min_lr_ratio, seed,
+        log_every, checkpoint_every, max_to_keep, nonfinite_limit, peak_flops_per_device,
+        profile_start_step / profile_steps (a ``jax.profiler`` trace of those steps into
+        ``logs/``; 0 steps: none) and compilation_cache_dir (JAX's persistent compilation
+        cache; "": off).
       workdir: run folder; checkpoints go to ``checkpoints/``, metrics to ``logs/``.
       progress: show a tqdm bar.
       mesh, rules: optional device mesh and logical-axis rules (see :class:`TrainStep`); each
@@ -333,13 +369,15 @@ def train(
     them in a row (default 10; 0 = never) stop the run. SIGTERM (a preemption notice) makes
     the loop save a checkpoint after the current step and raise :class:`Preempted`. On start,
     the newest readable checkpoint is restored; unreadable newer ones are renamed
-    ``<step>.corrupt``.
+    ``<step>.corrupt``, and the metrics a crashed run logged after the restored step are cut
+    from ``logs/`` (``metrics.jsonl`` rewritten, TensorBoard told to purge them), so every
+    step is logged once.
 
     Several processes (``jax.distributed``) with a ``mesh``: every process runs this with the
     same task and config and its own rows of each batch; the state is placed on ``mesh``
     before the restore, every process writes its shards of each checkpoint, SIGTERM on any
-    process stops all of them at the same step, and only process 0 logs metrics and shows
-    progress. Without a ``mesh`` the run is process-local: call it on one process only
+    process stops all of them at the same step (JAX's preemption sync point, with no per-step
+    host synchronisation), and only process 0 logs metrics and shows progress. Without a ``mesh`` the run is process-local: call it on one process only
     (:func:`sora_jax.parallel.distributed.main_process_first`).
 
     Raises:
@@ -350,11 +388,13 @@ def train(
       RuntimeError: checkpoints exist but none can be read.
     """
     main_process = jax.process_index() == 0
+    if cfg.compilation_cache_dir:  # process-wide; the first directory set in a process stays
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(cfg.compilation_cache_dir))
     tx, schedule = (task.optimizer_fn or make_optimizer)(cfg)
     optimizer = nnx.Optimizer(task.model, tx, wrt=nnx.Param)
     peak = None
     if task.flops_per_step:
-        peak, peak_source = peak_flops_per_device(cfg.get("peak_flops_per_device"))
+        peak, peak_source = peak_flops_per_device(cfg.peak_flops_per_device)
         log.info("%s: peak %s FLOP/s per device (%s)", task.name,
                  "unknown" if peak is None else f"{peak:.3g}", peak_source)
     throughput = Throughput(task.tokens_per_step, task.flops_per_step,
@@ -374,7 +414,8 @@ def train(
     except BaseException:
         ckpt.close()
         raise
-    writer = MetricWriter(os.path.join(workdir, "logs"), enabled=main_process)
+    # metrics logged after the restored step by a run that died are cut from the logs
+    writer = MetricWriter(os.path.join(workdir, "logs"), enabled=main_process, resume_step=start)
 
     step = TrainStep(task.model, optimizer, task.loss_fn, schedule, cfg.seed, mesh=mesh, rules=rules)
     if mesh is not None:
@@ -390,17 +431,21 @@ def train(
     rates: dict[str, float] = {}
 
     sync_model = step.sync
-    limit = int(cfg.get("nonfinite_limit", 10))
+    limit = cfg.nonfinite_limit
     nonfinite_run = nonfinite_total = 0
+    trace = _TraceWindow(os.path.join(workdir, "logs"), cfg.profile_start_step, cfg.profile_steps)
     try:
-        with _SigtermFlag() as sigterm:
+        with _Preemption(ckpt) as preemption:
             for i in range(start, cfg.steps):
                 batch, data_state = pending.result()
                 if i + 1 < cfg.steps:  # prepare the next batch while this step runs
                     pending = pool.submit(batches.next)
-                window.append(step(batch, i))
+                trace.before(i)
+                with jax.profiler.StepTraceAnnotation(task.name, step_num=i):
+                    window.append(step(batch, i))
+                trace.after(i, window[-1])
                 done = i + 1
-                stop = _any_process(sigterm.is_set()) if collective else sigterm.is_set()
+                stop = preemption.reached(i)
                 timed["steps"] += 1
                 if i == start or done % cfg.log_every == 0 or done == cfg.steps or stop:
                     # a sync point: the first step alone (it holds the compile), then each log
@@ -439,12 +484,16 @@ def train(
                         # would skip on_finish and keep a checkpoint without what it stores.
                         task.on_finish(task.model)
                     ckpt.save(done, task.model, optimizer, task.meta, data_state)
+                    # the logs hold every step a resume keeps, even if the process is killed
+                    writer.flush()
                     timed["overhead"] += time.perf_counter() - t_save
         # No sync after the loop: the last step already synced, and a second sync would undo
         # what on_finish stored in the model.
     finally:
+        trace.close()
         bar.close()
         pool.shutdown(wait=False, cancel_futures=True)
+        batches.close()
         ckpt.close()
         writer.close()
     seconds = time.time() - t0
