@@ -42,7 +42,7 @@ from sora_jax.data.packing import pack  # noqa: E402
 from sora_jax.data.pipeline import NaViTExample, packed_dataset  # noqa: E402
 from sora_jax.models.dit import DiT  # noqa: E402
 from sora_jax.train.steps import dit_loss_fn  # noqa: E402
-from sora_jax.train.trainer import TrainStep, make_optimizer  # noqa: E402
+from sora_jax.train.trainer import TrainStep, make_optimizer, skip_nonfinite  # noqa: E402
 
 PATCH = (1, 2, 2)
 # native latent sizes (h, w): aspect ratios 1:1, 3:4, 4:3, 9:16, 16:9 (patch grids up to 16x16)
@@ -102,7 +102,7 @@ def bucketed_batches(source: grain.MapDataset, cfg, seed: int):
 def run(name, batches, model_fn, cfg, flow_cfg, steps):
     model = model_fn()
     tx, schedule = make_optimizer(cfg)
-    step = TrainStep(model, nnx.Optimizer(model, tx, wrt=nnx.Param), dit_loss_fn(flow_cfg),
+    step = TrainStep(model, nnx.Optimizer(model, skip_nonfinite(tx), wrt=nnx.Param), dit_loss_fn(flow_cfg),
                      schedule, cfg.seed)
     real = pad = 0
     steady_tokens, steady_s, total_s = 0.0, 0.0, 0.0

@@ -18,10 +18,10 @@ from flax import nnx
 
 
 def _time_step(model, loss_fn, batch, steps, train_cfg, optimizer_fn=None, first_step=0, counted=None):
-    from sora_jax.train.trainer import TrainStep, make_optimizer
+    from sora_jax.train.trainer import TrainStep, make_optimizer, skip_nonfinite
 
     tx, schedule = (optimizer_fn or make_optimizer)(train_cfg)
-    step = TrainStep(model, nnx.Optimizer(model, tx, wrt=nnx.Param), loss_fn, schedule, seed=0)
+    step = TrainStep(model, nnx.Optimizer(model, skip_nonfinite(tx), wrt=nnx.Param), loss_fn, schedule, seed=0)
     t0 = time.perf_counter()
     jax.block_until_ready(step(batch, first_step)["loss"])
     compile_s = time.perf_counter() - t0
@@ -55,7 +55,7 @@ def main():
     vae_model = build_vae_train_model(build_vae(cfg), cfg.vae_loss, nnx.Rngs(cfg.seed + 2))
     vae_s, vae_c, vae_p = _time_step(vae_model, vae_loss_fn(cfg.vae_loss), {"video": video}, args.steps,
                                      cfg.vae_train, vae_optimizer_fn(cfg.vae_loss),
-                                     first_step=int(cfg.vae_loss.get("disc_start", 0) or 0),
+                                     first_step=int(cfg.vae_loss.disc_start),
                                      counted=vae_model.vae)
 
     d = cfg.dit_train

@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     from sora_jax.models.factory import build_dit, dit_in_dim
     from sora_jax.train.steps import dit_loss_fn
     from sora_jax.train.throughput import measured_matmul_peak
-    from sora_jax.train.trainer import TrainStep, make_optimizer
+    from sora_jax.train.trainer import TrainStep, make_optimizer, skip_nonfinite
 
     cfg = config_lib.load_config(args.config)
     cfg.dit.update(remat=bool(args.remat), attention_backend=args.attention, dtype=args.dtype)
@@ -88,11 +88,11 @@ def main(argv=None) -> dict:
     text_len = int(cfg.text.max_length)
     model = build_dit(cfg)
     tx, schedule = make_optimizer(cfg.dit_train)
-    step = TrainStep(model, nnx.Optimizer(model, tx, wrt=nnx.Param),
+    step = TrainStep(model, nnx.Optimizer(model, skip_nonfinite(tx), wrt=nnx.Param),
                      dit_loss_fn(cfg.flow, None), schedule, 0, mesh=mesh,
                      rules=[tuple(r) for r in cfg.mesh.rules])
     batch = one_example_rows(args.rows, args.seq_len, text_len, dit_in_dim(cfg),
-                             int(cfg.dit.get("text_dim", 384)))
+                             int(cfg.dit.text_dim))
     t0 = time.perf_counter()
     jax.block_until_ready(step(batch, 0)["loss"])
     compile_s = time.perf_counter() - t0

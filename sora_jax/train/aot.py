@@ -33,7 +33,7 @@ from sora_jax.parallel.mesh import create_mesh, describe
 from sora_jax.parallel.sharding import batch_spec
 from sora_jax.parallel.topologies import parse
 from sora_jax.train.steps import dit_loss_fn
-from sora_jax.train.trainer import TrainStep, make_optimizer
+from sora_jax.train.trainer import TrainStep, make_optimizer, skip_nonfinite
 
 
 def abstract_batch(mesh, rules, *, rows: int, seq_len: int, text_len: int, in_dim: int,
@@ -70,7 +70,7 @@ def compile_dit_train_step(cfg: ml_collections.ConfigDict, mesh, rules, *, rows:
 
     def build():
         model = build_dit(cfg)
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+        return model, nnx.Optimizer(model, skip_nonfinite(tx), wrt=nnx.Param)
 
     model, optimizer = nnx.eval_shape(build)
     step = TrainStep(model, optimizer, dit_loss_fn(cfg.flow, cfg.conditioning), schedule,

@@ -242,6 +242,19 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransf
     return clipped_adamw(cfg, schedule), schedule
 
 
+def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` behind ``optax.apply_if_finite``: a step whose gradients are not all finite
+    applies a zero update and leaves ``tx``'s state (its step count included) unchanged; the
+    wrapper's state counts such steps (``last_finite``, ``notfinite_count``,
+    ``total_notfinite``). It never gives in and applies one (``max_consecutive_errors`` is
+    the int32 maximum): the loop stops the run at ``train.nonfinite_limit`` instead.
+
+    A non-finite loss whose gradients are finite (a term with no gradient) is not skipped;
+    any term that reaches the parameters makes their gradients non-finite with it.
+    """
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+
+
 class TrainStep:
     """The jitted optimizer step: ``step(batch, i) -> metrics``, updating its state in place.
 
@@ -250,6 +263,10 @@ class TrainStep:
     checkpoint or at the end). The random key of step i is ``fold_in(key(seed), i)``, so it
     depends on the step number only. ``compiles`` counts traces of the step function: XLA
     compiles it once per distinct batch shape / dtype signature.
+
+    The ``nonfinite`` metric is 1 on a step whose gradients were not all finite: with an
+    optimizer wrapped by :func:`skip_nonfinite` (as ``train`` wraps every one) that step left
+    the parameters and optimizer state unchanged; with any other optimizer it is only reported.
 
     Args:
       model: the module to train.
@@ -277,8 +294,6 @@ class TrainStep:
 
         def step_fn(state, batch, step):
             self.compiles += 1  # runs only while tracing: one count per compilation
-            # merge shares the Variables of `state`, which the update mutates: keep the arrays
-            old = jax.tree.leaves(state)
             model, opt = nnx.merge(graphdef, state)
             key = jax.random.fold_in(base_key, step)
             (loss, aux), grads = nnx.value_and_grad(
@@ -286,16 +301,14 @@ class TrainStep:
             )(model)
             grad_norm = optax.tree.norm(grads)
             opt.update(model, grads)
-            # A non-finite loss or gradient skips the update: the state goes through unchanged
-            # (the optimizer's step count too) and the host loop counts it.
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            updated = nnx.state((model, opt))
-            leaves, treedef = jax.tree.flatten(updated)
-            new_state = jax.tree.unflatten(
-                treedef, [jnp.where(finite, n, o) for n, o in zip(leaves, old)])
+            if isinstance(opt.opt_state, optax.ApplyIfFiniteState):
+                # skip_nonfinite's optimizer applied a zero update and kept its state
+                finite = opt.opt_state.last_finite[...]
+            else:
+                finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             aux = dict(aux, loss=loss, grad_norm=grad_norm, learning_rate=schedule(step),
                        nonfinite=1.0 - finite.astype(jnp.float32))
-            return new_state, aux
+            return nnx.state((model, opt)), aux
 
         if mesh is None:
             self._jit = jax.jit(step_fn, donate_argnums=(0,))
@@ -364,10 +377,10 @@ def train(
       the task gives them, ``tokens_per_s`` and ``mfu`` (see :mod:`sora_jax.train.throughput`;
       also logged at every ``log_every`` as ``<name>/step_time`` etc.).
 
-    Robustness: a step whose loss or gradient norm is not finite leaves the state unchanged
-    (counted as the ``nonfinite`` metric and ``nonfinite_steps``); ``cfg.nonfinite_limit`` of
-    them in a row (default 10; 0 = never) stop the run. SIGTERM (a preemption notice) makes
-    the loop save a checkpoint after the current step and raise :class:`Preempted`. On start,
+    Robustness: a step whose gradients are not all finite leaves the parameters and optimizer
+    state unchanged (:func:`skip_nonfinite`; counted as the ``nonfinite`` metric and
+    ``nonfinite_steps``); ``cfg.nonfinite_limit`` of them in a row (0 = never) stop the run.
+    SIGTERM (a preemption notice) makes the loop save a checkpoint after the current step and raise :class:`Preempted`. On start,
     the newest readable checkpoint is restored; unreadable newer ones are renamed
     ``<step>.corrupt``, and the metrics a crashed run logged after the restored step are cut
     from ``logs/`` (``metrics.jsonl`` rewritten, TensorBoard told to purge them), so every
@@ -391,7 +404,7 @@ def train(
     if cfg.compilation_cache_dir:  # process-wide; the first directory set in a process stays
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(cfg.compilation_cache_dir))
     tx, schedule = (task.optimizer_fn or make_optimizer)(cfg)
-    optimizer = nnx.Optimizer(task.model, tx, wrt=nnx.Param)
+    optimizer = nnx.Optimizer(task.model, skip_nonfinite(tx), wrt=nnx.Param)
     peak = None
     if task.flops_per_step:
         peak, peak_source = peak_flops_per_device(cfg.peak_flops_per_device)
