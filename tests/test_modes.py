@@ -9,8 +9,9 @@ import pytest
 
 from sora_jax.cli import run
 from sora_jax.inference.generate import Request
-from sora_jax.inference.modes import (LOOP_DECODE_PERIODS, ModeError, loop_seam_ratio, periodic_decode, psnr,
-                            run_mode, setup_mode)
+from sora_jax.evaluation.image_quality import psnr
+from sora_jax.inference.modes import (LOOP_DECODE_PERIODS, ModeError, loop_seam_ratio, periodic_decode,
+                                      run_mode, setup_mode)
 
 KW = dict(frames=9, height=32, width=32, seed=0, guidance=2.0, steps=2)
 PROMPT = "the digit 3 moves right"

@@ -11,12 +11,12 @@ import pytest
 from flax import nnx
 
 from sora_jax.configs.common import train_section
-from sora_jax.evaluation.image_quality import ssim_per_frame as ssim_reference
+from sora_jax.evaluation.image_quality import ssim
 from sora_jax.models.discriminator import PatchDiscriminator3d
 from sora_jax.models.vae import CausalVAE
 from sora_jax.models.vae_gan import VAETrainModel, build_vae_train_model
 from sora_jax.models.vae_loss import (
-    adaptive_weight, hinge_d_loss, hinge_g_loss, ssim, ssim_per_frame, vae_loss, vae_loss_settings,
+    adaptive_weight, hinge_d_loss, hinge_g_loss, vae_loss, vae_loss_settings,
 )
 from sora_jax.train.checkpoint import Checkpointer
 from sora_jax.train.steps import vae_loss_fn, vae_optimizer_fn
@@ -56,26 +56,13 @@ def trees_equal(a, b):
     return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
 
 
-def test_ssim_matches_numpy_reference_and_is_one_for_identical_frames():
-    rng = np.random.default_rng(0)
-    # the last two: frames under 11 px (smaller window), and under 6 px (mirrored more than once)
-    for shape in [(2, 3, 16, 16, 3), (1, 2, 24, 20, 1), (3, 8, 8, 3), (2, 4, 6, 3)]:
-        a = rng.uniform(-1, 1, shape).astype(np.float32)
-        b = np.clip(a + 0.3 * rng.standard_normal(shape), -1, 1).astype(np.float32)
-        ref = np.concatenate([ssim_reference(x, y) for x, y in
-                              zip(a.reshape((-1,) + shape[-4:]), b.reshape((-1,) + shape[-4:]))])
-        per_frame = jax.jit(ssim_per_frame)
-        np.testing.assert_allclose(np.asarray(per_frame(a, b)), ref, atol=1e-5)
-        np.testing.assert_allclose(float(np.mean(per_frame(a, b))), ref.mean(), atol=1e-5)
-        assert float(1.0 - jnp.mean(per_frame(a, a))) == pytest.approx(0.0, abs=1e-6)
-    # differentiable, and the identical pair is a minimum of 1 - SSIM (zero gradient there)
-    a = jnp.asarray(rng.uniform(-1, 1, (1, 2, 16, 16, 3)), jnp.float32)
-    g = jax.jit(jax.grad(lambda r: 1.0 - ssim(r, a)))(a)
-    assert np.all(np.isfinite(g)) and float(jnp.max(jnp.abs(g))) < 1e-5
+def test_vae_loss_reports_ssim_and_trains_on_it():
+    a = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 2, 16, 16, 3)), jnp.float32)
     _, m = vae_loss(a, a, jnp.zeros(2), jnp.zeros(2), ssim_weight=1.0)
     assert float(m["ssim"]) == pytest.approx(1.0, abs=1e-6)
-    with pytest.raises(ValueError, match="same shape"):
-        ssim(a, a[:, :1])
+    b = a.at[:, :, 4:8].set(0.0)
+    loss, m = vae_loss(b, a, jnp.zeros(2), jnp.zeros(2), l1_weight=0.0, kl_weight=0.0, ssim_weight=1.0)
+    assert float(loss) == pytest.approx(1.0 - float(ssim(b, a)), abs=1e-6) and float(loss) > 0.01
 
 
 def test_hinge_losses_on_known_logits():

@@ -1,40 +1,45 @@
-"""Reconstruction metrics for videos: PSNR and SSIM.
+"""PSNR and SSIM in JAX: the one implementation the VAE's training loss and metrics, the
+autoencoder evaluation and the prompt modes' measurements all use.
 
-Inputs follow the project convention: float pixels in [-1, 1] (uint8 inputs are converted with
-`sora_jax.io.to_float` first), channels-last, any leading shape.
+Inputs follow the project convention: float pixels in [-1, 1] or uint8 (mapped to [-1, 1] as
+``sora_jax.io.to_float`` does), channels-last, any leading shape; computed in float32.
 
-PSNR is shift-invariant, so PSNR on [-1, 1] with data_range 2 equals PSNR on [0, 255] with
-data_range 255 (up to uint8 rounding). SSIM is not (its luminance term depends on the means), so
-`ssim` maps [-1, 1] to [0, 1] first and uses data_range 1: values then equal SSIM on [0, 1] or
-uint8 images, the convention behind published autoencoder numbers (e.g. Open-Sora's).
-Neither metric clips: clip (or round-trip through uint8) first to score what a viewer would see.
+PSNR is shift-invariant, so PSNR on [-1, 1] with data range 2 equals PSNR on [0, 255] with
+data range 255 (up to uint8 rounding). SSIM is not (its luminance term depends on the means),
+so it maps [-1, 1] to [0, 1] and uses data range 1: values then equal SSIM on [0, 1] or uint8
+images, the convention behind published autoencoder numbers (e.g. Open-Sora's). Neither clips:
+clip (or round-trip through uint8) first to score what a viewer would see. The tests check both
+against scikit-image (``skimage.metrics``).
 """
+
 from __future__ import annotations
 
-from typing import Any
-
+import jax
+import jax.numpy as jnp
 import numpy as np
-from skimage.metrics import structural_similarity
 
-from sora_jax.io import to_float
+__all__ = ["PSNR_CAP_DB", "gaussian_window", "psnr", "psnr_per_item", "ssim", "ssim_per_frame"]
 
-__all__ = ["psnr", "psnr_per_video", "ssim", "ssim_per_frame", "ssim_per_video"]
+# Wang et al. 2004: 11-tap Gaussian window, sigma 1.5; K1 = 0.01, K2 = 0.03 on data range 1.
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
 
-# Wang et al. 2004 use an 11x11 Gaussian window, sigma 1.5 (skimage: truncate 3.5 -> radius 5).
-_SSIM_SIGMA = 1.5
-_SSIM_WINDOW = 11
-
-
-def _as_float64(x: Any) -> np.ndarray:
-    x = np.asarray(x)
-    if np.issubdtype(x.dtype, np.floating):
-        # Skips to_float's float32 cast, so float64 callers keep their precision.
-        return x.astype(np.float64)
-    return to_float(x).astype(np.float64)  # uint8; raises TypeError for other dtypes
+# What callers that need a finite number report for an exact match (PSNR is +inf there).
+PSNR_CAP_DB = 100.0
 
 
-def _pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
-    a, b = _as_float64(a), _as_float64(b)
+def _pixels(x) -> jax.Array:
+    """float32 pixels in [-1, 1]: floats as they are, uint8 mapped as ``io.to_float``."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return x.astype(jnp.float32)
+    return x.astype(jnp.float32) / 127.5 - 1.0
+
+
+def _pair(a, b) -> tuple[jax.Array, jax.Array]:
+    a, b = _pixels(a), _pixels(b)
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     if a.size == 0:
@@ -42,102 +47,132 @@ def _pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def psnr(a: Any, b: Any, data_range: float = 2.0) -> float:
-    """Peak signal-to-noise ratio in dB: 10 log10(data_range^2 / MSE).
-
-    The MSE is the mean over the whole array (all frames, pixels and channels together), not a
-    mean of per-frame PSNRs; per-frame averaging weights bad frames less and gives higher numbers.
+def psnr_per_item(a, b, data_range: float = 2.0) -> jax.Array:
+    """Peak signal-to-noise ratio of each item along the leading axis, in dB:
+    10 log10(data_range^2 / MSE), the MSE over all of the item's frames, pixels and channels
+    (not a mean of per-frame PSNRs, which weighs bad frames less and reads higher).
 
     Args:
-      a, b: arrays of the same shape, float in [-1, 1] or uint8 (converted to [-1, 1]).
+      a, b: (B, ...) of the same shape, float in [-1, 1] or uint8.
       data_range: peak-to-peak range of the float pixels (2 for [-1, 1]).
 
     Returns:
-      PSNR in dB; +inf when the arrays are equal.
+      float32 (B,) in dB; +inf for identical items.
 
     Raises:
       ValueError: shapes differ or arrays are empty.
     """
     a, b = _pair(a, b)
-    mse = float(np.mean((a - b) ** 2))
-    if mse == 0.0:
-        return float("inf")
-    return float(10.0 * np.log10(data_range**2 / mse))
+    mse = jnp.mean(jnp.square(a - b).reshape(a.shape[0], -1), axis=1)
+    return 10.0 * jnp.log10(data_range**2 / mse)
 
 
-def psnr_per_video(a: Any, b: Any, data_range: float = 2.0) -> np.ndarray:
-    """PSNR of each item along the leading axis, as in `psnr`.
-
-    Args:
-      a, b: (B, ...) arrays of the same shape, e.g. (B, T, H, W, 3).
-
-    Returns:
-      float64 array (B,) in dB (+inf for identical items).
-    """
-    a, b = _pair(a, b)
-    mse = np.mean((a - b).reshape(a.shape[0], -1) ** 2, axis=1)
-    with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(data_range**2 / mse)
-
-
-def _ssim_frame(x: np.ndarray, y: np.ndarray) -> float:
-    """SSIM of one (H, W, C) frame pair in [0, 1]."""
-    side = min(x.shape[0], x.shape[1])
-    kwargs = {}
-    if side < _SSIM_WINDOW:
-        # skimage refuses images smaller than the window; a smaller odd window only trims less
-        # of the border from the mean (the Gaussian filter itself stays sigma 1.5).
-        kwargs["win_size"] = side if side % 2 else side - 1
-    return float(
-        structural_similarity(
-            x,
-            y,
-            channel_axis=-1,
-            data_range=1.0,
-            gaussian_weights=True,
-            sigma=_SSIM_SIGMA,
-            use_sample_covariance=False,
-            **kwargs,
-        )
-    )
-
-
-def ssim(a: Any, b: Any) -> float:
-    """Mean structural similarity over frames (Wang et al. 2004, "Image quality assessment: from
-    error visibility to structural similarity").
-
-    Each frame's SSIM comes from ``skimage.metrics.structural_similarity`` with the paper's
-    settings: 11-tap Gaussian window of sigma 1.5, population covariances, K1 = 0.01, K2 = 0.03,
-    channels averaged. Pixels are mapped to [0, 1] (data_range 1) first; see the module docstring.
-    Frames smaller than 11 px use the largest odd window that fits.
-
-    Args:
-      a, b: (T, H, W, C) videos or one (H, W, C) frame, same shape; float in [-1, 1] or uint8.
-
-    Returns:
-      Mean SSIM over frames, in [-1, 1]; 1.0 for identical inputs.
+def psnr(a, b, data_range: float = 2.0) -> jax.Array:
+    """PSNR in dB of two whole arrays (one MSE over everything), float32 scalar; +inf when
+    equal. See :func:`psnr_per_item`.
 
     Raises:
-      ValueError: shapes differ, or not 3-D / 4-D.
+      ValueError: shapes differ or arrays are empty.
     """
-    return float(np.mean(ssim_per_frame(a, b)))
-
-
-def ssim_per_frame(a: Any, b: Any) -> np.ndarray:
-    """SSIM of each frame, as in `ssim`. Returns float64 (T,) (or (1,) for one frame)."""
     a, b = _pair(a, b)
-    if a.ndim == 3:
-        a, b = a[None], b[None]
-    if a.ndim != 4:
-        raise ValueError(f"expected (T, H, W, C) or (H, W, C), got shape {a.shape}")
-    a = (a + 1.0) / 2.0
-    b = (b + 1.0) / 2.0
-    return np.array([_ssim_frame(x, y) for x, y in zip(a, b)])
+    return psnr_per_item(a.reshape(1, -1), b.reshape(1, -1), data_range)[0]
 
 
-def ssim_per_video(a: Any, b: Any) -> np.ndarray:
-    """Mean SSIM of each (T, H, W, C) video in a (B, T, H, W, C) batch. Returns float64 (B,)."""
-    a, b = _pair(a, b)
-    if a.ndim != 5:
-        raise ValueError(f"expected (B, T, H, W, C), got shape {a.shape}")
-    return np.array([ssim(x, y) for x, y in zip(a, b)])
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> jax.Array:
+    """Normalised 1-D Gaussian taps exp(-x^2 / (2 sigma^2)), x = -(size // 2) .. size // 2.
+
+    Returns:
+      float32 (size,), summing to 1 (the 2-D window is its outer product).
+
+    Raises:
+      ValueError: if size is not a positive odd int or sigma <= 0.
+    """
+    if not isinstance(size, int) or size < 1 or size % 2 == 0 or sigma <= 0:
+        raise ValueError(f"window size must be a positive odd int and sigma > 0, got {size}, {sigma}")
+    return jnp.asarray(_gaussian_taps(size, sigma), jnp.float32)
+
+
+def _gaussian_taps(size: int, sigma: float) -> np.ndarray:
+    # numpy, so that shapes and taps stay constants when traced under jit
+    x = np.arange(size, dtype=np.float64) - size // 2
+    w = np.exp(-0.5 * np.square(x / sigma))
+    return w / np.sum(w)
+
+
+def _blur_matrix(n: int, taps: np.ndarray, rows: slice) -> np.ndarray:
+    """(len(rows), n) matrix M with M @ v = the Gaussian filter of v (length n) at ``rows``.
+
+    Borders are mirrored (numpy 'symmetric', scipy.ndimage 'reflect', what skimage's SSIM
+    uses), extended with period 2n for filters wider than the signal. A dense matrix product
+    replaces a depthwise convolution, which XLA:CPU runs several times slower.
+    """
+    r = len(taps) // 2
+    src = np.arange(-r, n + r) % (2 * n)
+    src = np.where(src < n, src, 2 * n - 1 - src)
+    m = np.zeros((n, n), np.float64)
+    for k, tap in enumerate(taps):
+        np.add.at(m, (np.arange(n), src[k : k + n]), tap)
+    return m[rows]
+
+
+def ssim_per_frame(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Structural similarity of every frame pair (Wang et al. 2004, "Image quality assessment:
+    from error visibility to structural similarity", eq. 13), differentiable.
+
+    Pixels in [-1, 1] are mapped to [0, 1] (data range 1, no clipping). Local means, variances
+    and the covariance come from an 11-tap Gaussian window of sigma 1.5 (population statistics,
+    K1 = 0.01, K2 = 0.03), each channel alone; the SSIM map is averaged over the frame's interior
+    (a border of 5 px dropped, fewer on frames under 11 px: the largest odd window that fits)
+    and over channels. This reproduces ``skimage.metrics.structural_similarity`` with
+    ``gaussian_weights=True, use_sample_covariance=False, data_range=1`` to float32 rounding
+    (the tests' reference). The window is applied as two
+    dense (H', H) and (W', W) matrix products, O(H + W) per pixel: fast for training crops, not
+    meant for full-HD frames.
+
+    Args:
+      a, b: (..., H, W, C), same shape, float in [-1, 1] or uint8, e.g. video (B, T, H, W, C);
+        leading axes are frames.
+
+    Returns:
+      float32 (prod of leading axes,) SSIM per frame, in [-1, 1]; 1 for identical frames.
+
+    Raises:
+      ValueError: shapes differ or fewer than 3 axes.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"a {a.shape} and b {b.shape} must have the same shape")
+    if a.ndim < 3:
+        raise ValueError(f"expected (..., H, W, C) frames, got shape {a.shape}")
+    h, w, c = a.shape[-3:]
+    x = (_pixels(a).reshape(-1, h, w, c) + 1.0) * 0.5
+    y = (_pixels(b).reshape(-1, h, w, c) + 1.0) * 0.5
+    side = min(h, w)
+    win = min(SSIM_WINDOW, side if side % 2 else side - 1)
+    pad = (win - 1) // 2
+    taps = _gaussian_taps(SSIM_WINDOW, SSIM_SIGMA)
+    # Only the rows and columns kept after dropping the border are filtered.
+    mh = jnp.asarray(_blur_matrix(h, taps, slice(pad, h - pad)), jnp.float32)
+    mw = jnp.asarray(_blur_matrix(w, taps, slice(pad, w - pad)), jnp.float32)
+    stats = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
+    # HIGHEST: TPU / GPU default matmul precision (bf16 / tf32 passes) would wreck the variances
+    # E[x^2] - E[x]^2, a difference of nearly equal numbers.
+    hi = jax.lax.Precision.HIGHEST
+    stats = jnp.einsum("ih,nhwc->niwc", mh, stats, precision=hi)
+    stats = jnp.einsum("jw,niwc->nijc", mw, stats, precision=hi)
+    ux, uy, uxx, uyy, uxy = jnp.split(stats, 5, axis=-1)
+    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return jnp.mean(s, axis=(1, 2, 3))
+
+
+def ssim(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Mean of ``ssim_per_frame`` over all frames: float32 scalar in [-1, 1] (1 iff equal).
+
+    The structural loss of the VAE recipe is ``1 - ssim(recon, target)``; evaluation reports
+    ``ssim`` of each clip.
+
+    Raises:
+      ValueError: as ``ssim_per_frame``.
+    """
+    return jnp.mean(ssim_per_frame(a, b))

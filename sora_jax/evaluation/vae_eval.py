@@ -33,10 +33,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from sora_jax.data import real_clips, sources
-from sora_jax.evaluation.image_quality import psnr, ssim
+from sora_jax.evaluation.image_quality import psnr_per_item, ssim_per_frame
 from sora_jax.io import to_float
 
 __all__ = ["EvalSet", "video_set", "image_set", "build_sets", "reconstruction_scores",
@@ -218,8 +219,8 @@ def reconstruction_scores(codec, clips: np.ndarray, batch: int = 8) -> tuple[np.
       batch: clips per codec call (>= 1).
 
     Returns:
-      (psnr, ssim), float64 (N,) each; PSNR of float pixels in [-1, 1] with data range 2
-      (+inf for an exact round trip), SSIM as ``metrics.ssim`` (mean over frames).
+      (psnr, ssim), float64 (N,) each: ``psnr_per_item`` of float pixels in [-1, 1] (data
+      range 2; +inf for an exact round trip) and the mean ``ssim_per_frame`` over its frames.
 
     Raises:
       ValueError: no clips, or batch < 1.
@@ -233,11 +234,16 @@ def reconstruction_scores(codec, clips: np.ndarray, batch: int = 8) -> tuple[np.
         if n < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
         x = to_float(chunk)
-        rec = codec.reconstruct(x)[:n]
-        for a, b in zip(rec, x[:n]):
-            psnrs.append(psnr(a, b))
-            ssims.append(ssim(a, b))
+        p, q = _clip_scores(codec.reconstruct(x), x)
+        psnrs += np.asarray(p)[:n].tolist()
+        ssims += np.asarray(q)[:n].tolist()
     return np.asarray(psnrs, np.float64), np.asarray(ssims, np.float64)
+
+
+@jax.jit
+def _clip_scores(rec: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """PSNR and mean SSIM over frames of each clip of (B, T, H, W, C) batches."""
+    return psnr_per_item(rec, x), ssim_per_frame(rec, x).reshape(rec.shape[0], -1).mean(axis=1)
 
 
 def evaluate_codec(codec, cfg: Any) -> dict[str, Any]:

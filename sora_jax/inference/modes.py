@@ -43,12 +43,12 @@ import numpy as np
 from PIL import Image
 
 from sora_jax.diffusion.conditioning import context_latent_frames, latent_frame_spans
+from sora_jax.evaluation.image_quality import PSNR_CAP_DB, psnr
 from sora_jax.inference.generate import Generator, Request
 
 MODES = ("t2v", "t2i", "i2v", "extend-forward", "extend-backward", "connect", "loop", "edit")
 NUM_INPUTS = {"t2v": 0, "t2i": 0, "i2v": 1, "extend-forward": 1, "extend-backward": 1,
               "connect": 2, "loop": 0, "edit": 1}
-PSNR_CAP_DB = 100.0
 LOOP_DECODE_PERIODS = 6  # the quickstart decoder's period-to-period change shrinks ~3x a period
 
 
@@ -94,10 +94,9 @@ def fit_media(media: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack(out)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 arrays (peak 255), capped at ``PSNR_CAP_DB``."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return PSNR_CAP_DB if mse <= 255.0 ** 2 * 10 ** (-PSNR_CAP_DB / 10) else 10 * np.log10(255.0 ** 2 / mse)
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 videos, capped at ``PSNR_CAP_DB`` (JSON has no infinity)."""
+    return float(min(psnr(a, b), PSNR_CAP_DB))
 
 
 def _median_step(video: np.ndarray) -> float:
@@ -146,7 +145,7 @@ def periodic_decode(decode: Callable[[np.ndarray], np.ndarray], first: np.ndarra
     video = decode(np.concatenate([np.asarray(first)[None]] + [np.asarray(period)] * periods))
     n = (len(video) - 1) // periods  # pixel frames per period
     last, before = video[len(video) - n:], video[len(video) - 2 * n:len(video) - n]
-    return last, psnr(last, before)
+    return last, _psnr(last, before)
 
 
 def _canvas(frames: int, given: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -259,7 +258,7 @@ def _generate(gen: Generator, st: _Setup, kw: dict[str, Any]) -> tuple[np.ndarra
     if sel.any():
         rt = st.canvas_roundtrip
         info["conditioned_frames"] = [int(i) for i in np.nonzero(sel)[0]]
-        info["decoded_context_psnr"] = psnr(video[sel], rt[sel])
+        info["decoded_context_psnr"] = _psnr(video[sel], rt[sel])
         after = sel & (np.cumsum(~sel) > 0)  # given frames that follow a generated one
         if after.any():
             video = video.copy()
@@ -267,7 +266,7 @@ def _generate(gen: Generator, st: _Setup, kw: dict[str, Any]) -> tuple[np.ndarra
             j = int(np.argmax(after))
             cut = np.mean(np.abs(video[j].astype(np.float64) - video[j - 1]))
             info["junction_ratio"] = float(cut / _median_step(video))
-        info["conditioned_frames_psnr"] = psnr(video[sel], rt[sel])
+        info["conditioned_frames_psnr"] = _psnr(video[sel], rt[sel])
     return video, info, latent
 
 
@@ -309,7 +308,7 @@ def run_mode(gen: Generator, mode: str, prompt: str, *, frames: int, height: int
     info: dict[str, Any] = {"mode": mode, "frames": int(video.shape[0]), **measured}
     if mode == "edit":
         info["strength"] = float(strength)
-        info["input_psnr"] = psnr(video, st.canvas_roundtrip)
+        info["input_psnr"] = _psnr(video, st.canvas_roundtrip)
     return ModeResult(video, info, latent)
 
 

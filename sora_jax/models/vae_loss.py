@@ -23,27 +23,18 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from sora_jax.evaluation.image_quality import PSNR_CAP_DB, psnr_per_item, ssim
 
 __all__ = [
     "VAE_LOSS_KEYS",
     "vae_loss_settings",
     "adaptive_weight",
-    "gaussian_window",
     "hinge_d_loss",
     "hinge_g_loss",
     "kl_divergence",
-    "psnr",
-    "ssim",
-    "ssim_per_frame",
     "vae_loss",
 ]
-
-# Wang et al. 2004: 11-tap Gaussian window, sigma 1.5; K1 = 0.01, K2 = 0.03 on data range 1.
-SSIM_WINDOW = 11
-SSIM_SIGMA = 1.5
-SSIM_K1 = 0.01
-SSIM_K2 = 0.03
 
 
 def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -63,31 +54,6 @@ def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
     mean = mean.astype(jnp.float32)
     logvar = logvar.astype(jnp.float32)
     return 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
-
-
-def psnr(recon: jax.Array, target: jax.Array) -> jax.Array:
-    """Peak signal-to-noise ratio in dB, averaged over the batch.
-
-    Pixels in [-1, 1] are mapped to [0, 1] (peak 1); ``recon`` is clipped to [-1, 1] first since
-    the decoder output is unbounded. PSNR is computed per example (over all its other axes) and
-    then averaged, as video PSNR is usually reported.
-
-    Args:
-      recon, target: (B, ...) float, same shape.
-
-    Returns:
-      float32 scalar (capped at 100 dB for a perfect match).
-
-    Raises:
-      ValueError: if the shapes differ.
-    """
-    if recon.shape != target.shape:
-        raise ValueError(f"recon {recon.shape} and target {target.shape} must have the same shape")
-    r = (jnp.clip(recon.astype(jnp.float32), -1.0, 1.0) + 1.0) * 0.5
-    t = (target.astype(jnp.float32) + 1.0) * 0.5
-    axes = tuple(range(1, r.ndim))
-    mse = jnp.mean(jnp.square(r - t), axis=axes) if axes else jnp.square(r - t)
-    return jnp.mean(jnp.minimum(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)), 100.0))
 
 
 def vae_loss(
@@ -118,7 +84,8 @@ def vae_loss(
 
     Returns:
       (loss, metrics): loss a float32 scalar; metrics a dict of float32 scalars ``loss``, ``l1``,
-      ``l2``, ``kl``, ``ssim`` and ``psnr`` (dB, [-1, 1] pixels mapped to [0, 1], recon clipped).
+      ``l2``, ``kl``, ``ssim`` and ``psnr`` (dB, mean over examples of ``psnr_per_item`` with
+      recon clipped to [-1, 1], each capped at ``PSNR_CAP_DB``).
 
     Raises:
       ValueError: if recon and target, or mean and logvar, differ in shape, or ssim_weight is
@@ -143,7 +110,9 @@ def vae_loss(
         "l2": l2,
         "kl": kl,
         "ssim": s,
-        "psnr": psnr(jax.lax.stop_gradient(recon), target),
+        # recon clipped to the pixel range, per example, capped for a perfect match
+        "psnr": jnp.mean(jnp.minimum(psnr_per_item(
+            jnp.clip(jax.lax.stop_gradient(recon), -1.0, 1.0), target), PSNR_CAP_DB)),
     }
     return loss, metrics
 
@@ -153,104 +122,6 @@ def _ssim_or_nan(recon: jax.Array, target: jax.Array) -> jax.Array:
     if recon.ndim < 3:
         return jnp.full((), jnp.nan, jnp.float32)
     return ssim(recon, target)
-
-
-def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> jax.Array:
-    """Normalised 1-D Gaussian taps exp(-x^2 / (2 sigma^2)), x = -(size // 2) .. size // 2.
-
-    Returns:
-      float32 (size,), summing to 1 (the 2-D window is its outer product).
-
-    Raises:
-      ValueError: if size is not a positive odd int or sigma <= 0.
-    """
-    if not isinstance(size, int) or size < 1 or size % 2 == 0 or sigma <= 0:
-        raise ValueError(f"window size must be a positive odd int and sigma > 0, got {size}, {sigma}")
-    return jnp.asarray(_gaussian_taps(size, sigma), jnp.float32)
-
-
-def _gaussian_taps(size: int, sigma: float) -> np.ndarray:
-    # numpy, so that shapes and taps stay constants when traced under jit
-    x = np.arange(size, dtype=np.float64) - size // 2
-    w = np.exp(-0.5 * np.square(x / sigma))
-    return w / np.sum(w)
-
-
-def _blur_matrix(n: int, taps: np.ndarray, rows: slice) -> np.ndarray:
-    """(len(rows), n) matrix M with M @ v = the Gaussian filter of v (length n) at ``rows``.
-
-    Borders are mirrored (numpy 'symmetric', scipy.ndimage 'reflect', what skimage's SSIM
-    uses), extended with period 2n for filters wider than the signal. A dense matrix product
-    replaces a depthwise convolution, which XLA:CPU runs several times slower.
-    """
-    r = len(taps) // 2
-    src = np.arange(-r, n + r) % (2 * n)
-    src = np.where(src < n, src, 2 * n - 1 - src)
-    m = np.zeros((n, n), np.float64)
-    for k, tap in enumerate(taps):
-        np.add.at(m, (np.arange(n), src[k : k + n]), tap)
-    return m[rows]
-
-
-def ssim_per_frame(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Structural similarity of every frame pair (Wang et al. 2004, "Image quality assessment:
-    from error visibility to structural similarity", eq. 13), differentiable.
-
-    Pixels in [-1, 1] are mapped to [0, 1] (data range 1, no clipping). Local means, variances
-    and the covariance come from an 11-tap Gaussian window of sigma 1.5 (population statistics,
-    K1 = 0.01, K2 = 0.03), each channel alone; the SSIM map is averaged over the frame's interior
-    (a border of 5 px dropped, fewer on frames under 11 px: the largest odd window that fits)
-    and over channels. This reproduces ``skimage.metrics.structural_similarity`` with
-    ``gaussian_weights=True, use_sample_covariance=False, data_range=1`` (and so
-    ``sora_jax.evaluation.image_quality.ssim``) to float32 rounding. The window is applied as two
-    dense (H', H) and (W', W) matrix products, O(H + W) per pixel: fast for training crops, not
-    meant for full-HD frames.
-
-    Args:
-      a, b: (..., H, W, C) float, same shape, e.g. video (B, T, H, W, C); leading axes are frames.
-
-    Returns:
-      float32 (prod of leading axes,) SSIM per frame, in [-1, 1]; 1 for identical frames.
-
-    Raises:
-      ValueError: shapes differ or fewer than 3 axes.
-    """
-    if a.shape != b.shape:
-        raise ValueError(f"a {a.shape} and b {b.shape} must have the same shape")
-    if a.ndim < 3:
-        raise ValueError(f"expected (..., H, W, C) frames, got shape {a.shape}")
-    h, w, c = a.shape[-3:]
-    x = (a.astype(jnp.float32).reshape(-1, h, w, c) + 1.0) * 0.5
-    y = (b.astype(jnp.float32).reshape(-1, h, w, c) + 1.0) * 0.5
-    side = min(h, w)
-    win = min(SSIM_WINDOW, side if side % 2 else side - 1)
-    pad = (win - 1) // 2
-    taps = _gaussian_taps(SSIM_WINDOW, SSIM_SIGMA)
-    # Only the rows and columns kept after dropping the border are filtered.
-    mh = jnp.asarray(_blur_matrix(h, taps, slice(pad, h - pad)), jnp.float32)
-    mw = jnp.asarray(_blur_matrix(w, taps, slice(pad, w - pad)), jnp.float32)
-    stats = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
-    # HIGHEST: TPU / GPU default matmul precision (bf16 / tf32 passes) would wreck the variances
-    # E[x^2] - E[x]^2, a difference of nearly equal numbers.
-    hi = jax.lax.Precision.HIGHEST
-    stats = jnp.einsum("ih,nhwc->niwc", mh, stats, precision=hi)
-    stats = jnp.einsum("jw,niwc->nijc", mw, stats, precision=hi)
-    ux, uy, uxx, uyy, uxy = jnp.split(stats, 5, axis=-1)
-    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
-    c1, c2 = SSIM_K1**2, SSIM_K2**2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return jnp.mean(s, axis=(1, 2, 3))
-
-
-def ssim(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Mean of ``ssim_per_frame`` over all frames: float32 scalar in [-1, 1] (1 iff equal).
-
-    The structural loss of the VAE recipe is ``1 - ssim(recon, target)``.
-
-    Raises:
-      ValueError: as ``ssim_per_frame``.
-    """
-    return jnp.mean(ssim_per_frame(a, b))
 
 
 def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
