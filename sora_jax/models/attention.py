@@ -199,6 +199,14 @@ def _pair_mask(qs_i, ks_j, al_j, valid):
     return m & (qs_i != 0)[:, :, None] & valid[:, None, None]
 
 
+def _block_logits(qi, qs_i, k, v, ks, always, j, valid, bk):
+    """For q block ``qi`` and kv block ``j`` (per batch row): the (B, 1, bq, bk) visibility
+    mask, the key and value blocks, and the float32 logits q k^T (forward and backward)."""
+    mask = _pair_mask(qs_i, _take_block(ks, j, bk, 1), _take_block(always, j, bk, 1), valid)[:, None]
+    kj, vj = _take_block(k, j, bk, 2), _take_block(v, j, bk, 2)
+    return mask, kj, vj, jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=jnp.float32)
+
+
 def _chunked_forward(q, k, v, qs, ks, always, bq, bk):
     """Online-softmax forward. q (B, H, Lq', D) already scaled; k, v (B, H, Lk', D).
 
@@ -216,11 +224,7 @@ def _chunked_forward(q, k, v, qs, ks, always, bq, bk):
 
         def body(t, carry):
             m, l, acc = carry
-            j = ordi[:, t]
-            mask = _pair_mask(qsi, _take_block(ks, j, bk, 1), _take_block(always, j, bk, 1),
-                              t < cnt)[:, None]
-            kj, vj = _take_block(k, j, bk, 2), _take_block(v, j, bk, 2)
-            s = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=jnp.float32)
+            mask, kj, vj, s = _block_logits(qi, qsi, k, v, ks, always, ordi[:, t], t < cnt, bk)
             s = jnp.where(mask, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             # Rows that have seen no visible key yet keep m = -inf; shift them by 0 so
@@ -287,10 +291,7 @@ def _chunked_core_bwd(bq, bk, res, dout):
         def body(t, carry):
             dq, dk, dv = carry
             j = ordi[:, t]
-            mask = _pair_mask(qsi, _take_block(ks, j, bk, 1), _take_block(always, j, bk, 1),
-                              t < cnt)[:, None]
-            kj, vj = _take_block(k, j, bk, 2), _take_block(v, j, bk, 2)
-            s = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=jnp.float32)
+            mask, kj, vj, s = _block_logits(qi, qsi, k, v, ks, always, j, t < cnt, bk)
             p = jnp.where(mask, jnp.exp(s - lsei[..., None]), 0.0)
             dp = jnp.einsum("bhqd,bhkd->bhqk", doi, vj.astype(jnp.float32))
             ds = p * (dp - deltai[..., None])

@@ -353,7 +353,23 @@ class ResBlock3d(nnx.Module):
         return s + h
 
 
-class Downsample3d(nnx.Module):
+class _Resample3d(nnx.Module):
+    """A resampling stage around one causal 3x3x3 conv, strided by 2 in space and / or time
+    when the subclass is ``strided`` (a down stage), else of stride 1 (an up stage repeats
+    first)."""
+
+    strided: bool
+
+    def __init__(self, in_channels: int, out_channels: int, *, spatial: bool, temporal: bool,
+                 dtype=None, rngs: nnx.Rngs):
+        self.spatial = spatial
+        self.temporal = temporal
+        strides = (2 if temporal else 1, 2 if spatial else 1, 2 if spatial else 1)
+        self.conv = CausalConv3d(in_channels, out_channels, 3, strides if self.strided else (1, 1, 1),
+                                 dtype=dtype, rngs=rngs)
+
+
+class Downsample3d(_Resample3d):
     """One down stage: a causal 3x3x3 conv with stride 2 in space and/or time.
 
     Temporal stride keeps frame 0 alone: T = 1 + 2m frames -> 1 + m frames; output 0 depends only
@@ -363,26 +379,13 @@ class Downsample3d(nnx.Module):
     With a ``FeatureCache``, a later chunk of 2m frames gives m frames.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        *,
-        spatial: bool,
-        temporal: bool,
-        dtype=None,
-        rngs: nnx.Rngs,
-    ):
-        self.spatial = spatial
-        self.temporal = temporal
-        strides = (2 if temporal else 1, 2 if spatial else 1, 2 if spatial else 1)
-        self.conv = CausalConv3d(in_channels, out_channels, 3, strides, dtype=dtype, rngs=rngs)
+    strided = True
 
     def __call__(self, x: jax.Array, cache: FeatureCache | None = None) -> jax.Array:
         return self.conv(x, cache)
 
 
-class Upsample3d(nnx.Module):
+class Upsample3d(_Resample3d):
     """One up stage: nearest-neighbour repeat in space and/or time, then a causal 3x3x3 conv.
 
     Temporal x2 keeps frame 0 alone: latent frame 0 -> 1 frame, every later frame -> 2 frames, so
@@ -392,19 +395,7 @@ class Upsample3d(nnx.Module):
     With a ``FeatureCache`` past its first chunk, t frames give 2t (nothing is frame 0).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        *,
-        spatial: bool,
-        temporal: bool,
-        dtype=None,
-        rngs: nnx.Rngs,
-    ):
-        self.spatial = spatial
-        self.temporal = temporal
-        self.conv = CausalConv3d(in_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+    strided = False
 
     def __call__(self, x: jax.Array, cache: FeatureCache | None = None) -> jax.Array:
         if self.temporal:

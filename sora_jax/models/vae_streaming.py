@@ -182,31 +182,24 @@ class StreamingVAE:
         self.trace_counts: collections.Counter = collections.Counter()
         graphdef, counts = self._graphdef, self.trace_counts
 
-        def encode_whole(state, x):
-            counts["encode_whole"] += 1
-            return nnx.merge(graphdef, state).encode(x)
+        def jitted(method: str):
+            """(whole pass, one chunk with the feature cache) of ``vae.<method>``, jitted; the
+            chunk function returns (output, cache features)."""
+            def whole(state, x):
+                counts[f"{method}_whole"] += 1
+                return getattr(nnx.merge(graphdef, state), method)(x)
 
-        def encode_chunk(state, x, feats):
-            # feats None (first chunk) and a list (later chunks) are different pytrees, so jit
-            # traces this twice in all: once per kind of chunk.
-            counts["encode_first" if feats is None else "encode_rest"] += 1
-            cache = FeatureCache(feats)
-            mean, logvar = nnx.merge(graphdef, state).encode(x, cache)
-            return mean, logvar, cache.feats
+            def chunk(state, x, feats):
+                # feats None (first chunk) and a list (later chunks) are different pytrees, so
+                # jit traces this twice in all: once per kind of chunk.
+                counts[f"{method}_first" if feats is None else f"{method}_rest"] += 1
+                cache = FeatureCache(feats)
+                return getattr(nnx.merge(graphdef, state), method)(x, cache), cache.feats
 
-        def decode_whole(state, z):
-            counts["decode_whole"] += 1
-            return nnx.merge(graphdef, state).decode(z)
+            return jax.jit(whole), jax.jit(chunk)
 
-        def decode_chunk(state, z, feats):
-            counts["decode_first" if feats is None else "decode_rest"] += 1
-            cache = FeatureCache(feats)
-            return nnx.merge(graphdef, state).decode(z, cache), cache.feats
-
-        self._encode_whole = jax.jit(encode_whole)
-        self._encode_chunk = jax.jit(encode_chunk)
-        self._decode_whole = jax.jit(decode_whole)
-        self._decode_chunk = jax.jit(decode_chunk)
+        self._encode_whole, self._encode_chunk = jitted("encode")
+        self._decode_whole, self._decode_chunk = jitted("decode")
 
     def _set_layout(self, chunk, tile, overlap, blend) -> None:
         if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
@@ -353,7 +346,7 @@ class StreamingVAE:
         if self.chunk is None:
             mean, logvar = self._encode_whole(self._state, jnp.asarray(x))
             return np.asarray(mean, np.float32), np.asarray(logvar, np.float32), None
-        mean, logvar, feats = self._encode_chunk(self._state, jnp.asarray(x), feats)
+        (mean, logvar), feats = self._encode_chunk(self._state, jnp.asarray(x), feats)
         return np.asarray(mean, np.float32), np.asarray(logvar, np.float32), self._park(feats)
 
     def encode(self, video: np.ndarray, *, return_logvar: bool = False):
