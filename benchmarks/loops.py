@@ -1,13 +1,13 @@
 """Loop seams of a trained run over several prompts and seeds (the ``loop`` mode's target).
 
-For every prompt x seed x solver, runs ``sora_jax.modes.run_mode(..., "loop", ...)`` at the
+For every prompt x seed x solver, runs ``sora_jax.inference.modes.run_mode(..., "loop", ...)`` at the
 run's ``sample`` settings (frames, size, steps, text CFG) and reports, per solver:
 
 - ``loop_seam_ratio``: the list, and its ``median`` / ``mean`` / ``max`` and ``fraction_le_1``
   (the target is a ratio <= 1: the last-to-first step no larger than the median step).
 - ``clip_seam_ratio_mean``: the same measure for the loops' clips decoded once, for contrast.
 - ``loop_period_psnr_min``: the worst agreement of the last two decoded copies of a period
-  (:func:`sora_jax.modes.periodic_decode`; 100 = exactly periodic).
+  (:func:`sora_jax.inference.modes.periodic_decode`; 100 = exactly periodic).
 
 Run: ``python benchmarks/loops.py --workdir runs/quickstart`` (about a minute on 2 CPU cores
 for the quickstart model). Prints one JSON object.
@@ -48,13 +48,13 @@ def main(argv=None) -> dict:
     prompts = args.prompt or list(PROMPTS)
     out = {"workdir": args.workdir, "prompts": prompts, "seeds": args.seeds,
            "frames": int(s.frames), "height": int(s.height), "width": int(s.width),
-           "steps": int(s.steps), "guidance": float(s.cfg)}
+           "steps": int(s.steps), "guidance": float(s.guidance)}
     for solver in args.solvers.split(","):
         seams, clips, periods = [], [], []
         for seed in range(args.seeds):
             for prompt in prompts:
                 info = run_mode(gen, "loop", prompt, frames=s.frames, height=s.height, width=s.width,
-                                seed=seed, guidance=s.cfg, steps=s.steps, solver=solver).info
+                                seed=seed, guidance=s.guidance, steps=s.steps, solver=solver).info
                 seams.append(info["loop_seam_ratio"])
                 clips.append(info["clip_seam_ratio"])
                 periods.append(info["loop_period_psnr"])

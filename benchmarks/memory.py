@@ -2,7 +2,7 @@
 
 For a config's DiT (default ``configs/dit_ladder.py:B``, remat on, block-sparse "chunked"
 attention: no L x L score matrix on any backend) this compiles one training step ahead of time
-(:func:`sora_jax.parallel.aot.compile_dit_train_step`, abstract weights, nothing allocated) for
+(:func:`sora_jax.train.aot.compile_dit_train_step`, abstract weights, nothing allocated) for
 one packed row of L tokens on one device and reads XLA's plan (``memory_analysis``: arguments
 + outputs - donated aliases + temporaries), for L = 4k, 16k, 64k:
 

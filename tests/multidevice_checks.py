@@ -73,8 +73,8 @@ def context_attention_checks() -> dict:
     """Context-parallel attention vs. one device: values and gradients, self and cross."""
     import jax.numpy as jnp
 
+    from sora_jax.models import context_parallel as context
     from sora_jax.models.attention import dot_product_attention
-    from sora_jax.parallel import context
     from sora_jax.parallel.sharding import activate
 
     rng = np.random.default_rng(1)

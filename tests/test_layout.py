@@ -93,6 +93,28 @@ def test_no_import_cycle_inside_sora_jax():
     assert _cycles(graph) == []
 
 
+# The layers, low to high (README "Layout"); a module imports only from its own layer or below.
+LAYERS = {
+    "sora_jax": 0, "sora_jax.errors": 0, "sora_jax.io": 0, "sora_jax.config": 0, "sora_jax.configs": 0,
+    "sora_jax.parallel": 0, "sora_jax.data": 1, "sora_jax.evaluation": 2, "sora_jax.models": 3,
+    "sora_jax.diffusion": 4, "sora_jax.train": 5, "sora_jax.inference": 6,
+    "sora_jax.config_validation": 7, "sora_jax.stages": 7, "sora_jax.cli": 8,
+}
+
+
+def _layer(module: str) -> int:
+    while module not in LAYERS:
+        module = module.rpartition(".")[0]
+    return LAYERS[module]
+
+
+def test_imports_point_down_the_layers():
+    upward = [f"{m} -> {t}" for m, targets in _graph().items() for t in targets
+              if t != "sora_jax" and _layer(t) > _layer(m)]
+    assert upward == []
+    assert _layer("sora_jax.models.factory") == 3 and _layer("sora_jax.train.run_folder") == 5
+
+
 def test_core_never_imports_the_offline_tools():
     offenders = [(str(p.relative_to(ROOT)), line) for p in _modules().values()
                  for names, line, _ in _imports(p) if any(n.split(".")[0] == "data_pipelines" for n in names)]

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sora_jax.parallel.context import attention as context_attention
+from sora_jax.models.context_parallel import attention as context_attention
 from sora_jax.parallel.axes import BATCH, EMBED, HEADS, IN_FEATURES, LAYERS, LENGTH, MLP as MLP_AXIS, NORM
 from sora_jax.parallel.sharding import constrain, partitioned
 from sora_jax.models.layers import (MLP, AdaLNModulation, RMSNorm, TimestepEmbedder,
