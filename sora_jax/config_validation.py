@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sora_jax.data import navit, real_clips, sources
+from sora_jax.data.encoded import parse_mix
 from sora_jax.diffusion.conditioning import conditioning_settings
 from sora_jax.diffusion.samplers import SOLVERS
 from sora_jax.errors import ConfigError, StageError
@@ -267,14 +268,10 @@ def check_dit_train(cfg: ml_collections.ConfigDict):
     _int(t, "data_workers", "dit_train")
     if not isinstance(t.data, str):
         raise _bad("dit_train.data", f"must be a string 'prefix[:weight],...', got {t.data!r}")
-    for item in filter(None, (i.strip() for i in t.data.split(","))):
-        prefix, _, weight = item.rpartition(":")
-        try:
-            w = float(weight)
-        except ValueError:  # no weight (a ':' may belong to the path, e.g. gs://)
-            prefix, w = item, 1.0
-        if not prefix or not w > 0 or not math.isfinite(w):
-            raise _bad("dit_train.data", f"bad entry {item!r} (expected prefix[:positive weight])")
+    try:
+        parse_mix(t.data)
+    except ValueError as e:
+        raise _bad("dit_train.data", str(e)) from None
 
 
 def check_mesh(cfg: ml_collections.ConfigDict):

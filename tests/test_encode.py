@@ -230,3 +230,13 @@ def test_a_copied_run_reuses_and_a_new_checkpoint_re_encodes(vae_run, clips, sin
     np.testing.assert_allclose(new[k]["latent"] * 1.0 + 0.5,
                                old[k]["latent"] * 1.5 + np.linspace(-0.2, 0.2, cfg.vae.latent_channels),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_parse_mix_reads_prefixes_and_weights():
+    from sora_jax.data.encoded import parse_mix
+
+    assert parse_mix("") == [] and parse_mix(" , ") == []
+    assert parse_mix("a:2, gs://bucket/b ,c:0.5") == [("a", 2.0), ("gs://bucket/b", 1.0), ("c", 0.5)]
+    for bad in ("a:0", "a:-1", ":3", "a:nan", "a:inf"):
+        with pytest.raises(ValueError, match="positive weight"):
+            parse_mix(bad)

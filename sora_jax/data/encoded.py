@@ -27,6 +27,7 @@ import collections
 import glob
 import json
 import logging
+import math
 import os
 import re
 
@@ -34,11 +35,32 @@ import grain
 
 from sora_jax.data import records
 
-__all__ = ["list_encoded", "process_prefix", "read_encoded", "stamp_path"]
+__all__ = ["list_encoded", "parse_mix", "process_prefix", "read_encoded", "stamp_path"]
 
 log = logging.getLogger("sora_jax.data.encoded")
 
 _PROCESS_RE = re.compile(r"-p(\d{5})-of-(\d{5})\.done\.json$")
+
+
+def parse_mix(spec: str) -> list[tuple[str, float]]:
+    """``"prefix[:weight],prefix[:weight],..."`` (``dit_train.data``) -> [(prefix, weight)];
+    weight 1 where none is given (a ':' not followed by a number belongs to the path, as in
+    gs://); an empty spec gives [].
+
+    Raises:
+      ValueError: an empty prefix, or a weight that is not a finite positive number.
+    """
+    out = []
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        prefix, _, weight = item.rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            prefix, w = item, 1.0
+        if not prefix or not (w > 0 and math.isfinite(w)):
+            raise ValueError(f"bad entry {item!r} (expected prefix[:positive weight])")
+        out.append((prefix, w))
+    return out
 
 
 def process_prefix(output_prefix: str, process_index: int, process_count: int) -> str:

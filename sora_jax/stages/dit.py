@@ -13,7 +13,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sora_jax import config as config_lib
-from sora_jax.data.encoded import read_encoded
+from sora_jax.data.encoded import parse_mix, read_encoded
 from sora_jax.data.packing import pack, patchify
 from sora_jax.data.pipeline import PACKED_KEYS, mixed_source, packed_dataset
 from sora_jax.data.records import read_dataset, write_array_record
@@ -110,16 +110,12 @@ def dit_sources(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = T
         text = np.load(p["text_states"])
         return (mixed_source([read_dataset(p["latents_train"])], process_index=pi, process_count=pc),
                 (text["states"], text["masks"]))
+    try:
+        mix = parse_mix(spec)
+    except ValueError as e:
+        raise StageError(f"config key 'dit_train.data': {e}") from None
     records, weights = [], []
-    for item in spec.split(","):
-        prefix, _, weight = item.strip().rpartition(":")
-        try:
-            w = float(weight)
-        except ValueError:  # no weight (a ':' may belong to the path, e.g. gs://)
-            prefix, w = item.strip(), 1.0
-        if w <= 0 or not prefix:
-            raise StageError(f"config key 'dit_train.data': bad weight in {item!r} "
-                             "(expected prefix[:positive weight])")
+    for prefix, w in mix:
         try:
             ds = read_encoded(prefix)
         except FileNotFoundError as e:
