@@ -52,8 +52,9 @@ def packing_section(**overrides) -> dict:
       apart, mixed by weight); "" = the run's own encoded Moving MNIST latents.
     real_clips: with data "", also the run's real video crops and photos (real_clips_train).
     data_workers: processes that run the per-example NaViT work (Grain's multiprocess
-      prefetch; the same batches as 0 = in the training process). A pod's hosts want several;
-      the 2-core quickstart none.
+      prefetch; the same batches as 0 = in the training process). Worth it where that work is
+      heavy, large stored latents on a host with cores to spare (benchmarks/input_pipeline.py);
+      for small latents moving examples between processes costs more than the work.
     """
     cfg = dict(row_length=256, text_length=64, max_tokens=256, resolution="native", min_scale=0.5,
                token_drop_rate=0.0, token_drop_distribution="fixed", packing_bins=8,
