@@ -94,6 +94,7 @@ import msgpack
 import numpy as np
 
 from sora_jax.data import records
+from sora_jax.io import IMAGE_EXTENSIONS
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -115,7 +116,6 @@ INGEST_VERSION = 1
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".gif", ".mpg", ".mpeg", ".wmv", ".flv",
      ".ts", ".3gp", ".ogv"})
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 
 SKIP_REASONS = (
     "missing", "no_caption", "bad_entry", "duplicate", "bad_range", "unsupported_type",

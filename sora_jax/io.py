@@ -36,6 +36,7 @@ __all__ = [
     "read_png_text",
     "read_image",
     "read_media",
+    "IMAGE_EXTENSIONS",
     "file_sha256",
     "folder_sha256",
 ]
@@ -483,7 +484,7 @@ def read_image(path: PathLike) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})  # read as images
 
 
 def read_media(path: PathLike) -> np.ndarray:

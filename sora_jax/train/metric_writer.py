@@ -22,6 +22,7 @@ def _truncate_after(path: str, step: int):
     """Drops the rows of a ``metrics.jsonl`` logged after ``step`` (atomic rewrite)."""
     if not os.path.isfile(path):
         return
+
     def logged_by_then(line: str) -> bool:
         try:
             return json.loads(line)["step"] <= step

@@ -380,17 +380,18 @@ def train(
     Robustness: a step whose gradients are not all finite leaves the parameters and optimizer
     state unchanged (:func:`skip_nonfinite`; counted as the ``nonfinite`` metric and
     ``nonfinite_steps``); ``cfg.nonfinite_limit`` of them in a row (0 = never) stop the run.
-    SIGTERM (a preemption notice) makes the loop save a checkpoint after the current step and raise :class:`Preempted`. On start,
-    the newest readable checkpoint is restored; unreadable newer ones are renamed
-    ``<step>.corrupt``, and the metrics a crashed run logged after the restored step are cut
-    from ``logs/`` (``metrics.jsonl`` rewritten, TensorBoard told to purge them), so every
-    step is logged once.
+    SIGTERM (a preemption notice) makes the loop save a checkpoint after the current step and
+    raise :class:`Preempted`. On start, the newest readable checkpoint is restored; unreadable
+    newer ones are renamed ``<step>.corrupt``, and the metrics a crashed run logged after the
+    restored step are cut from ``logs/`` (``metrics.jsonl`` rewritten, TensorBoard told to
+    purge them), so every step is logged once.
 
     Several processes (``jax.distributed``) with a ``mesh``: every process runs this with the
     same task and config and its own rows of each batch; the state is placed on ``mesh``
     before the restore, every process writes its shards of each checkpoint, SIGTERM on any
     process stops all of them at the same step (JAX's preemption sync point, with no per-step
-    host synchronisation), and only process 0 logs metrics and shows progress. Without a ``mesh`` the run is process-local: call it on one process only
+    host synchronisation), and only process 0 logs metrics and shows progress. Without a
+    ``mesh`` the run is process-local: call it on one process only
     (:func:`sora_jax.parallel.distributed.main_process_first`).
 
     Raises:
