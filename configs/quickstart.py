@@ -119,6 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         remat=False,
         remat_policy="nothing_saveable",
         dtype="float32",  # matmul compute dtype; parameters and optimizer state stay float32
+        # timestep embedding and adaLN modulations computed once per distinct (segment,
+        # timestep) of a row, up to this many, then gathered (0: per token; same results)
+        condition_groups=32,
     )
     c.flow = dict(
         logit_mean=0.0,

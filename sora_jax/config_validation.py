@@ -217,6 +217,7 @@ def check_dit(cfg: ml_collections.ConfigDict):
     for name in ("hidden_size", "depth", "num_heads", "text_dim"):
         _int(d, name, "dit", 1)
     _int(d, "num_classes", "dit")
+    _int(d, "condition_groups", "dit")
     if d.hidden_size % d.num_heads:
         raise _bad("dit.num_heads", f"{d.num_heads} heads do not divide dit.hidden_size={d.hidden_size}")
     if len(d.patch) != 3 or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in d.patch):

@@ -254,7 +254,9 @@ def test_packed_equals_unpacked_for_random_shapes(tiny_dit_randomized, shapes, s
         alone, (pa,), _ = pack([ex], **kw)
         ref = np.asarray(_forward(tiny_dit_randomized, alone))[0, :pa.n]
         assert np.abs(ref).max() > 1e-3  # not trivially zero
-        np.testing.assert_allclose(out[p.start:p.start + p.n], ref, rtol=1e-5, atol=1e-5)
+        # per-token timesteps: the packed row has more distinct (segment, t) than the model's
+        # condition_groups and takes the per-token path, a row alone may not: float32 rounding
+        np.testing.assert_allclose(out[p.start:p.start + p.n], ref, rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize("adaln", ["per_block", "single"])

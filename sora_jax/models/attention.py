@@ -40,9 +40,11 @@ ATTENTION_BACKENDS = ("xla", "cudnn", "chunked", "splash", "auto")
 # path is as fast and compiles faster.
 AUTO_CHUNKED_MIN_PAIRS = 1024 * 1024
 
-# 256 beat 512 on that benchmark at L = 4096 (finer blocks skip more: 42% vs 55% of the
-# pairs computed) and tied at L = 1024 / 2048; smaller blocks lose to per-block overhead.
-DEFAULT_BLOCK_Q = 256
+# On CPU each block's matmuls must be large enough for XLA to split them over the cores:
+# forward + backward at L = 4096 (B = 2, packed rows, 2 cores, benchmarks/attention.py) took
+# 594 ms with q blocks of 512 against 873 ms with 256 (which skips more pairs but runs its
+# small matmuls on one core), 684 ms with 512 x 512. Blocks are balanced (balanced_block).
+DEFAULT_BLOCK_Q = 1024
 DEFAULT_BLOCK_KV = 256
 SPLASH_MAX_BLOCK = 512
 
@@ -99,11 +101,24 @@ def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.pad(x, widths)  # zeros: segment 0 = padding, never attended
 
 
+def balanced_block(length: int, block: int, multiple: int = 16) -> int:
+    """The block size that cuts ``length`` into as many blocks as ``block`` would, but
+    evenly: ceil(length / n) rounded up to ``multiple`` (n = ceil(length / block)), so the
+    padding is under n * multiple instead of up to a whole block (1280 tokens with
+    block 512: 3 blocks of 432, not 3 of 512). Never larger than ``block`` rounded up to
+    ``multiple`` nor than ``length``."""
+    if length <= block:
+        return length
+    n = -(-length // block)
+    even = -(-length // n)
+    return min(block, -(-even // multiple) * multiple)
+
+
 def _block_sizes(lq: int, lk: int, block_q: int, block_kv: int) -> tuple[int, int, int, int]:
-    """Effective block sizes (never larger than the sequence) and padded lengths."""
+    """Effective (balanced) block sizes and padded lengths."""
     if block_q < 1 or block_kv < 1:
         raise ValueError(f"block sizes must be positive; got {block_q}, {block_kv}")
-    bq, bk = min(block_q, lq), min(block_kv, lk)
+    bq, bk = balanced_block(lq, block_q), balanced_block(lk, block_kv)
     return bq, bk, -(-lq // bq) * bq, -(-lk // bk) * bk
 
 
@@ -280,6 +295,7 @@ def _chunked_core_bwd(bq, bk, res, dout):
     _, order, count = _schedule(qs, ks, always, bq, bk)
     do = dout.astype(jnp.float32)
     delta = jnp.sum(do * out.astype(jnp.float32), axis=-1)  # (B, H, Lq') = rowsum(dO * O)
+    k_t = jnp.swapaxes(k, -1, -2)  # (B, H, D, Lk'): dQ^T = K^T dS^T contracts K^T's last axis
 
     def q_block(carry, i):
         dk, dv = carry
@@ -289,20 +305,27 @@ def _chunked_core_bwd(bq, bk, res, dout):
         cnt, ordi = count[:, i], order[:, i]
 
         def body(t, carry):
-            dq, dk, dv = carry
+            dq_t, dk, dv = carry
             j = ordi[:, t]
-            mask, kj, vj, s = _block_logits(qi, qsi, k, v, ks, always, j, t < cnt, bk)
-            p = jnp.where(mask, jnp.exp(s - lsei[..., None]), 0.0)
-            dp = jnp.einsum("bhqd,bhkd->bhqk", doi, vj.astype(jnp.float32))
-            ds = p * (dp - deltai[..., None])
-            dq = dq + jnp.einsum("bhqk,bhkd->bhqd", ds, kj.astype(jnp.float32))
-            dk = _add_block(dk, j, jnp.einsum("bhqk,bhqd->bhkd", ds, qi.astype(jnp.float32)), 2)
-            dv = _add_block(dv, j, jnp.einsum("bhqk,bhqd->bhkd", p, doi), 2)
-            return dq, dk, dv
+            # Keys-major (k, q) orientation throughout: on CPU, XLA gives dots whose left
+            # operand contracts its last axis to its fast matmul library and runs the others
+            # with a slow fallback (about 3x at these sizes); here every dot contracts last,
+            # dQ by accumulating dQ^T = K^T dS^T from a transposed copy of K.
+            mask = _pair_mask(qsi, _take_block(ks, j, bk, 1), _take_block(always, j, bk, 1),
+                              t < cnt)[:, None]
+            kj, vj, k_tj = _take_block(k, j, bk, 2), _take_block(v, j, bk, 2), _take_block(k_t, j, bk, 3)
+            s_t = jnp.einsum("bhkd,bhqd->bhkq", kj, qi, preferred_element_type=jnp.float32)
+            p_t = jnp.where(jnp.swapaxes(mask, -1, -2), jnp.exp(s_t - lsei[:, :, None, :]), 0.0)
+            dp_t = jnp.einsum("bhkd,bhqd->bhkq", vj.astype(jnp.float32), doi)
+            ds_t = p_t * (dp_t - deltai[:, :, None, :])
+            dq_t = dq_t + jnp.einsum("bhdk,bhkq->bhdq", k_tj.astype(jnp.float32), ds_t)
+            dk = _add_block(dk, j, jnp.einsum("bhkq,bhqd->bhkd", ds_t, qi.astype(jnp.float32)), 2)
+            dv = _add_block(dv, j, jnp.einsum("bhkq,bhqd->bhkd", p_t, doi), 2)
+            return dq_t, dk, dv
 
-        dq, dk, dv = lax.fori_loop(0, jnp.max(cnt), body,
-                                   (jnp.zeros((b, h, bq, d), jnp.float32), dk, dv))
-        return (dk, dv), dq
+        dq_t, dk, dv = lax.fori_loop(0, jnp.max(cnt), body,
+                                     (jnp.zeros((b, h, d, bq), jnp.float32), dk, dv))
+        return (dk, dv), jnp.swapaxes(dq_t, -1, -2)
 
     zeros_kv = jnp.zeros(k.shape, jnp.float32)
     (dk, dv), dq = lax.scan(q_block, (zeros_kv, zeros_kv), jnp.arange(nq))

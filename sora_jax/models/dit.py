@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sora_jax.models.condition_groups import DEFAULT_MAX_GROUPS, GroupedConditioning
 from sora_jax.models.context_parallel import attention as context_attention
 from sora_jax.parallel.axes import BATCH, EMBED, HEADS, IN_FEATURES, LAYERS, LENGTH, MLP as MLP_AXIS, NORM
 from sora_jax.parallel.sharding import constrain, partitioned
@@ -120,10 +121,12 @@ class DiTBlock(nnx.Module):
     output from step 0, and the block still starts as the identity on the self-attention
     and MLP branches, whose gates are zero-initialised (Peebles & Xie 2023 §3.2).
 
-    Call: x (B, L, hidden), c (B, L, hidden), cos/sin (B, L, Dh), segment_ids (B, L),
-    text (B, Lt, hidden), text_segment_ids (B, Lt) -> (B, L, hidden). With
-    ``shared_adaln``, c is instead the shared modulation (B, L, 6 * hidden), to which the
-    block adds its own learned (6, hidden) table (zero-initialised, so gates start at 0).
+    Call: x (B, L, hidden), c, cos/sin (B, L, Dh), segment_ids (B, L), text (B, Lt, hidden),
+    text_segment_ids (B, Lt) -> (B, L, hidden). c is the conditioning vector (B, L, hidden)
+    or a :class:`~sora_jax.models.condition_groups.GroupedConditioning` (the modulation is
+    then computed per group). With ``shared_adaln``, c is instead the shared modulation
+    (B, L, 6 * hidden), to which the block adds its own learned (6, hidden) table
+    (zero-initialised, so gates start at 0).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, mlp_ratio: float = 4.0,
@@ -150,7 +153,9 @@ class DiTBlock(nnx.Module):
 
     def __call__(self, x, c, cos, sin, segment_ids, text, text_segment_ids):
         if self.adaln is not None:
-            shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c)
+            mod = (c.apply(self.adaln.project) if isinstance(c, GroupedConditioning)
+                   else self.adaln.project(c))
+            shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
         else:
             table = self.modulation[...].reshape(-1).astype(c.dtype)
             shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(c + table, 6, axis=-1)
@@ -196,7 +201,9 @@ class FinalLayer(nnx.Module):
                             axes=(EMBED, IN_FEATURES))
 
     def __call__(self, x, c):
-        shift, scale = self.adaln(c)
+        """x (B, L, hidden); c (B, L, hidden) or a GroupedConditioning -> (B, L, out_dim)."""
+        mod = c.apply(self.adaln.project) if isinstance(c, GroupedConditioning) else self.adaln.project(c)
+        shift, scale = jnp.split(mod, 2, axis=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -254,6 +261,10 @@ class DiT(nnx.Module):
         (adaLN-single of PixArt-alpha, Chen et al. 2023 §2.3, as Wan 2.1's shared timestep
         MLP: one Linear_zero(SiLU(c)) -> 6 h for all blocks, plus a learned (6, h) table per
         block; zero-initialised, so every block still starts as the identity).
+      condition_groups: K > 0: the conditioning vector and its adaLN modulations are computed
+        once per distinct (segment, timestep, label) of a row, up to K of them, and gathered
+        to the tokens (:mod:`sora_jax.models.condition_groups`; a row with more falls back to
+        per token, exactly); 0: per token. Same parameters and results either way.
       rngs: NNX random streams.
 
     Text conditioning: text states are mapped to model width by an MLP (PixArt-alpha's
@@ -272,7 +283,10 @@ class DiT(nnx.Module):
                  rope_axes_dims: Sequence[int] | None = None, rope_theta: float = 10000.0,
                  attention_backend: str = "xla", remat: bool = False, dtype=None,
                  num_classes: int = 0, pos_embed: str = "rope", scan_layers: bool = False,
-                 remat_policy: str = "nothing_saveable", adaln: str = "per_block", rngs: nnx.Rngs):
+                 remat_policy: str = "nothing_saveable", adaln: str = "per_block",
+                 condition_groups: int = DEFAULT_MAX_GROUPS, rngs: nnx.Rngs):
+        if condition_groups < 0:
+            raise ValueError(f"condition_groups must be >= 0, got {condition_groups}")
         if adaln not in ADALN_KINDS:
             raise ValueError(f"adaln must be one of {ADALN_KINDS}, got {adaln!r}")
         if remat_policy not in REMAT_POLICIES:
@@ -293,6 +307,7 @@ class DiT(nnx.Module):
         self.rope_axes_dims, self.rope_theta = axes, rope_theta
         self.remat, self.remat_policy, self.scan_layers = remat, remat_policy, scan_layers
         self.num_classes, self.pos_embed, self.adaln = num_classes, pos_embed, adaln
+        self.condition_groups = condition_groups
         self.x_embed = dense(in_dim, hidden_size, dtype=dtype, rngs=rngs, axes=(IN_FEATURES, EMBED))
         # Added to the embedding of clean context tokens (sora_jax.diffusion.conditioning): t = 0
         # alone would not tell a given frame from a fully denoised guess of the model's own.
@@ -338,7 +353,9 @@ class DiT(nnx.Module):
         num_heads, mlp_ratio, qk_norm, text_dim, attention_backend, rope_axes_dims (None: the
         default split), rope_theta, remat, remat_policy, scan_layers, num_classes, pos_embed,
         adaln, dtype (compute dtype of the matmuls, e.g. "bfloat16"; parameters and optimizer
-        state stay float32: mixed precision with fp32 master weights).
+        state stay float32: mixed precision with fp32 master weights); condition_groups is
+        optional (default :data:`~sora_jax.models.condition_groups.DEFAULT_MAX_GROUPS`; it
+        changes no parameter, so configs saved before it existed still build).
 
         Raises:
           KeyError: a field is missing.
@@ -352,6 +369,7 @@ class DiT(nnx.Module):
                    remat=cfg["remat"], num_classes=cfg["num_classes"],
                    pos_embed=cfg["pos_embed"], scan_layers=cfg["scan_layers"],
                    remat_policy=cfg["remat_policy"], adaln=cfg["adaln"],
+                   condition_groups=cfg.get("condition_groups", DEFAULT_MAX_GROUPS),
                    dtype=jnp.dtype(cfg["dtype"]), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
@@ -383,21 +401,25 @@ class DiT(nnx.Module):
         x = self.x_embed(tokens)
         if cond_mask is not None:
             x = x + cond_mask[..., None].astype(x.dtype) * self.cond_embed[...].astype(x.dtype)
-        c = self.t_embed(timesteps)
-        ctx = None
         if self.num_classes:
             if labels is None:
                 raise ValueError("a class-conditional DiT needs labels")
-            c = c + self.label_embed(labels)
-        else:
-            if text is None or text_segment_ids is None:
-                raise ValueError("a text-conditioned DiT needs text and text_segment_ids")
-            c = c + self.pooled_text_embed(segment_mean_text(text, segment_ids, text_segment_ids))
-            ctx = self.text_embed(text)
+        elif text is None or text_segment_ids is None:
+            raise ValueError("a text-conditioned DiT needs text and text_segment_ids")
+
+        def embed(seg, t, lab):  # the conditioning vector c of (segment, timestep, label) values
+            c = self.t_embed(t)
+            if self.num_classes:
+                return c + self.label_embed(lab)
+            return c + self.pooled_text_embed(segment_mean_text(text, seg, text_segment_ids))
+
+        c = GroupedConditioning(embed, segment_ids, timesteps, labels if self.num_classes else None,
+                                max_groups=self.condition_groups)
+        ctx = None if self.num_classes else self.text_embed(text)
         # Block-boundary layouts (no-ops outside sora_jax.parallel.sharding.activate): rows over
         # the batch axes, tokens over context, features whole; text is small and whole per row.
         token_axes = (BATCH, LENGTH, None)
-        x, c = constrain(x, token_axes), constrain(c, token_axes)
+        x = constrain(x, token_axes)
         if ctx is not None:
             ctx = constrain(ctx, (BATCH, None, None))
         if self.pos_embed == "sincos":
@@ -406,7 +428,8 @@ class DiT(nnx.Module):
         else:
             cos, sin = rope_cos_sin(positions, self.rope_axes_dims, self.rope_theta)
         # what the blocks modulate from: c itself, or (adaLN-single) its shared projection
-        mod = c if self.t_modulation is None else constrain(self.t_modulation(jax.nn.silu(c)), token_axes)
+        mod = c if self.t_modulation is None else constrain(
+            c.apply(lambda c: self.t_modulation(jax.nn.silu(c))), token_axes)
         policy = REMAT_POLICIES[self.remat_policy]
         if self.scan_layers:
             def layer(x, block):
@@ -461,7 +484,8 @@ def dit_param_count_analytic(*, in_dim: int, hidden_size: int, depth: int, num_h
 
 def dit_flops_per_token(*, in_dim: int, hidden_size: int, depth: int, mlp_ratio: float = 4.0,
                         text_dim: int = 384, seq_len: int, text_len: int,
-                        cross_attention: bool = True, adaln: str = "per_block") -> float:
+                        cross_attention: bool = True, adaln: str = "per_block",
+                        condition_groups: int = 0, distinct_conditions: int = 1) -> float:
     """Analytic forward FLOPs per latent token (2 per multiply-add; matmuls only).
 
     Counts the patch / timestep / pooled-text embeddings, per block the qkv, self-attention
@@ -472,17 +496,27 @@ def dit_flops_per_token(*, in_dim: int, hidden_size: int, depth: int, mlp_ratio:
     ``cross_attention=False`` (class-conditional models) drops the text terms. Training
     costs about 3x this (forward + backward), 4x with remat. ``adaln="single"`` computes the
     modulation Linear once instead of per block.
+
+    ``condition_groups`` = K > 0 (the model's ``condition_groups``): the conditioning (timestep
+    MLP, pooled text, every adaLN Linear) runs on ``distinct_conditions`` values per row,
+    amortised over ``seq_len``, and each per-token modulation is a one-hot gather from K
+    group rows (2 K width FLOPs per token). 0: all of it per token.
     """
     h, m = hidden_size, mlp_width(hidden_size, mlp_ratio)
-    adaln_flops = 2 * h * 6 * h
+    per_token = 1.0
+    gather = 0.0  # one-hot matmul FLOPs per token for each per-token modulation of width w
+    if 0 < condition_groups < seq_len:
+        per_token = distinct_conditions / seq_len
+        gather = 2 * condition_groups
+    adaln_flops = 2 * h * 6 * h * per_token + gather * 6 * h
     per_block = (2 * h * 3 * h + 2 * 2 * seq_len * h + 2 * h * h  # self-attention
                  + 2 * 2 * h * m  # MLP
                  + (0 if adaln == "single" else adaln_flops))
-    embed = 2 * in_dim * h + 2 * (256 * h + h * h) + (adaln_flops if adaln == "single" else 0)
+    embed = 2 * in_dim * h + 2 * (256 * h + h * h) * per_token + (adaln_flops if adaln == "single" else 0)
     if cross_attention:
         per_block += 2 * h * h + 2 * 2 * (text_len + 1) * h + 2 * h * h  # cross q, scores, out
         per_block += 2 * (text_len + 1) * h * 2 * h / seq_len  # cross k/v, amortised
-        embed += 2 * text_dim * h
+        embed += 2 * text_dim * h * per_token  # pooled text
         embed += (2 * text_dim * h + 2 * h * h) * text_len / seq_len  # text MLP, amortised
-    final = 2 * h * 2 * h + 2 * h * in_dim
+    final = 2 * h * 2 * h * per_token + gather * 2 * h + 2 * h * in_dim
     return float(embed + depth * per_block + final)

@@ -33,14 +33,16 @@ def _tokens(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
 def xla_forward_flops(cfg: ml_collections.ConfigDict, seq_len: int, text_len: int) -> float:
     """FLOPs of one forward pass on a (1, seq_len) row, from XLA's cost analysis.
 
-    Compiled with dense attention, no remat and unrolled layers: XLA counts a loop body
-    once, so a layer scan or the block-sparse backend's loops would hide most FLOPs.
+    Compiled with dense attention, no remat, unrolled layers and per-token conditioning:
+    XLA counts a loop body once, so a layer scan or the block-sparse backend's loops would
+    hide most FLOPs, and it counts both branches of the grouped conditioning's ``cond``.
 
     Raises:
       RuntimeError: the backend reports no cost analysis.
     """
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.dit.attention_backend, cfg.dit.remat, cfg.dit.scan_layers = "xla", False, False
+    cfg.dit.condition_groups = 0
     model = nnx.eval_shape(lambda: build_dit(cfg))
     graphdef, state = nnx.split(model)
     d = cfg.dit
@@ -72,7 +74,8 @@ def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False,
 
     Returns:
       ``params`` (counted), ``params_analytic``, ``flops_per_token`` (analytic forward FLOPs
-      per latent token at ``seq_len``, 2 per multiply-add), ``train_flops_per_token`` (3x:
+      per latent token at ``seq_len``, 2 per multiply-add; the row is one example at one
+      timestep, so with ``dit.condition_groups`` its conditioning runs once), ``train_flops_per_token`` (3x:
       forward + backward; remat's recomputation is not model FLOPs), ``seq_len``,
       ``text_len``, the shape, and with ``xla`` ``flops_per_token_xla`` and
       ``xla_over_analytic``.
@@ -88,15 +91,17 @@ def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False,
     analytic = dit_param_count_analytic(in_dim=in_dim, qk_norm=d.qk_norm,
                                         num_classes=d.num_classes, **kw)
     kw.pop("num_heads")
-    flops = dit_flops_per_token(in_dim=in_dim, seq_len=seq_len, text_len=text_len,
-                                cross_attention=not d.num_classes, **kw)
+    flops_kw = dict(in_dim=in_dim, seq_len=seq_len, text_len=text_len,
+                    cross_attention=not d.num_classes, **kw)
+    flops = dit_flops_per_token(condition_groups=d.get("condition_groups", 0), **flops_kw)
     info = {"name": cfg.name, "params": params, "params_analytic": analytic,
             "flops_per_token": flops, "train_flops_per_token": 3 * flops, "seq_len": seq_len,
             "text_len": text_len, "in_dim": in_dim, "hidden_size": d.hidden_size, "depth": d.depth,
             "num_heads": d.num_heads, "num_classes": int(d.num_classes), "adaln": d.adaln}
     if xla:
         per_token = xla_forward_flops(cfg, seq_len, text_len) / seq_len
-        info.update(flops_per_token_xla=per_token, xla_over_analytic=per_token / flops)
+        info.update(flops_per_token_xla=per_token,
+                    xla_over_analytic=per_token / dit_flops_per_token(condition_groups=0, **flops_kw))
     return info
 
 

@@ -264,7 +264,11 @@ class AdaLNModulation(nnx.Module):
                             rngs=rngs, axes=(EMBED, MLP_AXIS))
 
     def __call__(self, c: jax.Array) -> tuple[jax.Array, ...]:
-        return tuple(jnp.split(self.linear(jax.nn.silu(c)), self.n_chunks, axis=-1))
+        return tuple(jnp.split(self.project(c), self.n_chunks, axis=-1))
+
+    def project(self, c: jax.Array) -> jax.Array:
+        """Linear(SiLU(c)) unsplit: (..., cond_dim) -> (..., n_chunks * hidden)."""
+        return self.linear(jax.nn.silu(c))
 
 
 class MLP(nnx.Module):

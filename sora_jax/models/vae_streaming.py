@@ -13,6 +13,11 @@ Under ``jax.jit`` each direction compiles twice: once for the first chunk (no ca
 once for all later chunks (cache pytree in and out, fixed shapes: the last chunk is padded at
 its end by repeating its last frame, which causality makes harmless, and the padding's outputs
 are dropped). Each chunk's output is moved to host memory as soon as it is computed.
+With JAX's default asynchronous dispatch on CPU, XLA marks a chunk's outputs ready before its
+worker thread frees the chunk's temporaries, so on a busy machine the next chunk can start
+while they are still held: the peak may then briefly be about two chunks' working memory
+(not growing with the length). ``jax.config.update("jax_cpu_enable_async_dispatch",
+False)`` before JAX's first computation makes each chunk free them before the next starts.
 
 **Spatial tiles with overlap blending.** For frames too large for one pass, the latent grid is
 cut into overlapping tiles (all of one size, so one compile serves them; the last tile of a row
