@@ -14,7 +14,7 @@ length prints one JSON object per line:
 Times are medians of ``--repeats`` runs after one compile run, of
 ``jax.grad(sum(attention(q, k, v) * w))`` with respect to q, k, v.
 
-  python benchmarks/attention.py [--lengths 1024 4096] [--block-q 256] [--block-kv 256]
+  python benchmarks/attention.py [--lengths 1024 4096] [--block-q 1024] [--block-kv 256]
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.models.attention import (
+    DEFAULT_BLOCK_KV,
+    DEFAULT_BLOCK_Q,
     chunked_block_schedule,
     chunked_computed_pairs,
     dot_product_attention,
@@ -108,8 +110,8 @@ def main():
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--block-q", type=int, default=256)
-    p.add_argument("--block-kv", type=int, default=256)
+    p.add_argument("--block-q", type=int, default=DEFAULT_BLOCK_Q)
+    p.add_argument("--block-kv", type=int, default=DEFAULT_BLOCK_KV)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

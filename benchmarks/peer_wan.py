@@ -232,8 +232,11 @@ def _ours_worker(s: dict, args) -> None:
 
 
 def _peer_worker(s: dict, args) -> None:
-    import torch
-    from diffusers import WanTransformer3DModel
+    try:
+        import torch
+        from diffusers import WanTransformer3DModel
+    except ImportError as e:
+        raise SystemExit(f"the peer needs torch and diffusers: pip install -e \".[peer]\" ({e})") from None
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(args.threads)

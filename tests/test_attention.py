@@ -283,3 +283,18 @@ def test_dit_with_chunked_backend_matches_xla():
         outs.append(np.asarray(forward(state)))
     assert np.abs(outs[0]).max() > 0.1
     np.testing.assert_allclose(outs[1], outs[0], atol=2e-5, rtol=1e-5)
+
+
+def test_balanced_blocks_cut_evenly():
+    """Blocks cover the length in as many blocks as the requested size would, padding less
+    than one multiple of 16 per block."""
+    from sora_jax.models.attention import balanced_block
+
+    assert balanced_block(1280, 1024) == 640 and balanced_block(1280, 512) == 432
+    assert balanced_block(100, 256) == 100 and balanced_block(4096, 1024) == 1024
+    for length in range(1, 3000, 37):
+        for block in (128, 256, 1024):
+            b = balanced_block(length, block)
+            n = -(-length // b)
+            assert b <= max(block, length) and n == -(-length // block)
+            assert n * b - length < 16 * n

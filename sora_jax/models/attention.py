@@ -40,10 +40,11 @@ ATTENTION_BACKENDS = ("xla", "cudnn", "chunked", "splash", "auto")
 # path is as fast and compiles faster.
 AUTO_CHUNKED_MIN_PAIRS = 1024 * 1024
 
-# On CPU each block's matmuls must be large enough for XLA to split them over the cores:
-# forward + backward at L = 4096 (B = 2, packed rows, 2 cores, benchmarks/attention.py) took
-# 594 ms with q blocks of 512 against 873 ms with 256 (which skips more pairs but runs its
-# small matmuls on one core), 684 ms with 512 x 512. Blocks are balanced (balanced_block).
+# On CPU each block's matmuls must be large enough for XLA to split them over the cores
+# (issue 15, 2 cores, forward + backward): at L = 4096 (B = 2, packed rows of 100-1500-token
+# segments) q blocks of 512 took 594 ms and 1024 624 ms against 873 ms for 256, which skips
+# more pairs but runs its small matmuls on one core; for one 1280-token video (H = 6) q blocks
+# of 640 took 71 ms against 105 ms for 256. Blocks are balanced (balanced_block).
 DEFAULT_BLOCK_Q = 1024
 DEFAULT_BLOCK_KV = 256
 SPLASH_MAX_BLOCK = 512
@@ -381,8 +382,9 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids
       kv_always_visible: optional (B, Lk) bool, keys visible to every non-padding query;
         supported natively (their blocks are scheduled for every non-empty q block).
       scale: logit scale, default 1/sqrt(Dh); may be traced (q is pre-multiplied).
-      block_q, block_kv: block sizes (clamped to Lq / Lk); lengths that are not multiples
-        are padded internally with segment 0. Smaller blocks skip more but loop more.
+      block_q, block_kv: largest block sizes; the lengths are cut evenly into that many
+        blocks (:func:`balanced_block`) and padded internally with segment 0. Smaller
+        blocks skip more but loop more, over smaller matmuls.
 
     Returns:
       (B, Lq, H, Dh) in q's dtype. Queries that see no key (padding) are exactly 0 with
