@@ -172,6 +172,7 @@ def _ours_worker(s: dict, args) -> None:
     from sora_jax.models.factory import build_dit
     from sora_jax.models.info import xla_forward_flops
     from sora_jax.models.dit import dit_flops_per_token
+    from sora_jax.train.host_memory import release_free_host_memory
     from sora_jax.train.steps import dit_loss_fn
     from sora_jax.train.trainer import TrainStep, make_optimizer, skip_nonfinite
 
@@ -204,11 +205,13 @@ def _ours_worker(s: dict, args) -> None:
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     graphdef, _ = nnx.split(model)
 
-    @jax.jit
-    def forward(state, b):
+    def forward_fn(state, b):
         m = nnx.merge(graphdef, state)
         return m(b["tokens"], b["segment_ids"], b["positions"], jnp.full((1, L), 0.5),
                  b["text"], b["text_segment_ids"])
+
+    forward = jax.jit(forward_fn).lower(step.state[0], batch).compile()
+    release_free_host_memory()  # as TrainStep does after its compile
 
     counter = iter(range(10**9))
 

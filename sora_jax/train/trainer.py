@@ -35,6 +35,7 @@ from sora_jax.parallel.mesh import describe
 from sora_jax.parallel.sharding import (activate, place, place_objects, shard_batch,
                                         state_shardings)
 from sora_jax.train.checkpoint import Checkpointer
+from sora_jax.train.host_memory import release_free_host_memory
 from sora_jax.train.metric_writer import MetricWriter
 from sora_jax.train.throughput import Throughput, peak_flops_per_device
 
@@ -290,6 +291,7 @@ class TrainStep:
         graphdef, self.state = nnx.split(self._objects)
         base_key = jax.random.key(seed)
         self.compiles = 0
+        self._compiled = {}  # batch signature -> jax.stages.Compiled
         self.mesh, self.rules = mesh, (DEFAULT_RULES if rules is None else rules)
 
         def step_fn(state, batch, step):
@@ -331,13 +333,28 @@ class TrainStep:
         with activate(self.mesh, self.rules):
             return self._jit.lower(self.state, batch, step)
 
+    def _executable(self, batch, step):
+        """The compiled step for this batch's shapes and dtypes, compiled on first sight.
+
+        Compiled ahead of time (``lower().compile()``) rather than by the first jitted call,
+        so the memory the compiler freed goes back to the OS before the step first runs
+        (:mod:`sora_jax.train.host_memory`; the same program either way).
+        """
+        key = tuple((jax.tree_util.keystr(path), np.shape(x), str(getattr(x, "dtype", type(x))))
+                    for path, x in jax.tree_util.tree_leaves_with_path(batch))
+        if key not in self._compiled:
+            self._compiled[key] = self._jit.lower(self.state, batch, step).compile()
+            release_free_host_memory()
+        return self._compiled[key]
+
     def __call__(self, batch: Batch, i: int) -> dict[str, jax.Array]:
         step = jnp.asarray(i, jnp.int32)
         if self.mesh is None:
-            self.state, aux = self._jit(self.state, batch, step)
+            self.state, aux = self._executable(batch, step)(self.state, batch, step)
             return aux
         with activate(self.mesh, self.rules):  # the model's constrain() calls see the mesh
-            self.state, aux = self._jit(self.state, shard_batch(batch, self.mesh, self.rules), step)
+            batch = shard_batch(batch, self.mesh, self.rules)
+            self.state, aux = self._executable(batch, step)(self.state, batch, step)
         return aux
 
     def sync(self):
