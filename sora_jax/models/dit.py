@@ -18,7 +18,9 @@ text cross-attention of PixArt-alpha / Wan 2.1 and the 3D RoPE + QK-norm of Open
 Everything but attention acts per token, and attention is masked to the token's own
 segment (NaViT, Dehghani et al. 2023), so a packed row computes exactly what each of its
 examples would alone. Timesteps are per token, so conditioning frames (t = 0) and noisy
-frames can share a sequence.
+frames can share a sequence. c and its adaLN Linears depend on a token only through its
+(segment, timestep), so they are computed once per distinct value of a row and gathered
+(``condition_groups``, :mod:`sora_jax.models.condition_groups`).
 """
 
 from __future__ import annotations
