@@ -75,10 +75,10 @@ def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False,
     Returns:
       ``params`` (counted), ``params_analytic``, ``flops_per_token`` (analytic forward FLOPs
       per latent token at ``seq_len``, 2 per multiply-add; the row is one example at one
-      timestep, so with ``dit.condition_groups`` its conditioning runs once), ``train_flops_per_token`` (3x:
-      forward + backward; remat's recomputation is not model FLOPs), ``seq_len``,
-      ``text_len``, the shape, and with ``xla`` ``flops_per_token_xla`` and
-      ``xla_over_analytic``.
+      timestep, so with ``dit.condition_groups`` its conditioning runs once),
+      ``train_flops_per_token`` (3x: forward + backward; remat's recomputation is not model
+      FLOPs), ``seq_len``, ``text_len``, the shape, and with ``xla`` ``flops_per_token_xla``
+      and ``xla_over_analytic`` (against the per-token analytic count, which XLA compiles).
     """
     d = cfg.dit
     in_dim = dit_in_dim(cfg)
