@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,16 +71,9 @@ def parse_shape(text: str) -> dict:
         raise ValueError(f"--shape: latent {shape['latent']} not divisible by patch {shape['patch']}")
     if shape["hidden"] % shape["heads"]:
         raise ValueError(f"--shape: hidden {shape['hidden']} not divisible by heads {shape['heads']}")
-    shape["tokens"] = int(_prod(n // p for n, p in zip(shape["latent"], shape["patch"])))
-    shape["in_dim"] = shape["channels"] * int(_prod(shape["patch"]))
+    shape["tokens"] = math.prod(n // p for n, p in zip(shape["latent"], shape["patch"]))
+    shape["in_dim"] = shape["channels"] * math.prod(shape["patch"])
     return shape
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 def peer_flops_per_token(s: dict, per_token_timesteps: bool) -> dict:

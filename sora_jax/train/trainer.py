@@ -333,28 +333,24 @@ class TrainStep:
         with activate(self.mesh, self.rules):
             return self._jit.lower(self.state, batch, step)
 
-    def _executable(self, batch, step):
+    def _executable(self, batch):
         """The compiled step for this batch's shapes and dtypes, compiled on first sight.
 
-        Compiled ahead of time (``lower().compile()``) rather than by the first jitted call,
-        so the memory the compiler freed goes back to the OS before the step first runs
+        Compiled ahead of time (:meth:`lower`) rather than by the first jitted call, so the
+        memory the compiler freed goes back to the OS before the step first runs
         (:mod:`sora_jax.train.host_memory`; the same program either way).
         """
         key = tuple((jax.tree_util.keystr(path), np.shape(x), str(getattr(x, "dtype", type(x))))
                     for path, x in jax.tree_util.tree_leaves_with_path(batch))
         if key not in self._compiled:
-            self._compiled[key] = self._jit.lower(self.state, batch, step).compile()
+            self._compiled[key] = self.lower(batch).compile()
             release_free_host_memory()
         return self._compiled[key]
 
     def __call__(self, batch: Batch, i: int) -> dict[str, jax.Array]:
-        step = jnp.asarray(i, jnp.int32)
-        if self.mesh is None:
-            self.state, aux = self._executable(batch, step)(self.state, batch, step)
-            return aux
-        with activate(self.mesh, self.rules):  # the model's constrain() calls see the mesh
+        if self.mesh is not None:  # this process's rows -> the global batch
             batch = shard_batch(batch, self.mesh, self.rules)
-            self.state, aux = self._executable(batch, step)(self.state, batch, step)
+        self.state, aux = self._executable(batch)(self.state, batch, jnp.asarray(i, jnp.int32))
         return aux
 
     def sync(self):
