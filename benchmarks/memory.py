@@ -12,6 +12,8 @@ one packed row of L tokens on one device and reads XLA's plan (``memory_analysis
 - ``fsdp8_param_fraction``: on a mesh with fsdp = 8, the parameter bytes on the most loaded
   device over all parameter bytes (target <= 1/8 + 5%); norm scales and other vectors too
   small to split stay whole.
+- ``ema_bytes``: the parameters' EMA (``dit_train.ema``, one more float32 copy of the
+  parameters, sharded like them), part of ``bytes_per_device``; 0 with profile "none".
 
 Run: ``python benchmarks/memory.py [--config configs/dit_ladder.py:B] [--lengths 4096,16384,65536]``
 (about 5 minutes on 2 CPU cores, mostly compiling). Prints one JSON object.
@@ -67,6 +69,9 @@ def main(argv=None) -> dict:
     state = nnx.state(nnx.eval_shape(lambda: build_dit(cfg)), nnx.Param)
     split = param_bytes_per_device(state, state_shardings(state, fsdp, rules))
     out["param_bytes"] = split["total"]
+    # the parameters' EMA (dit_train.ema) is one more float32 copy of them, inside bytes_per_device
+    out["ema"] = cfg.dit_train.ema.profile
+    out["ema_bytes"] = split["total"] if cfg.dit_train.ema.profile != "none" else 0
     out["fsdp8_param_fraction"] = split["max_per_device"] / split["total"]
     print(json.dumps(out, indent=1))
     return out

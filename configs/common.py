@@ -32,6 +32,11 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
             profile_steps=0,
             # JAX's persistent compilation cache (a folder, shared by runs and hosts); "" = off
             compilation_cache_dir="",
+            # an exponential moving average of the parameters (sora_jax/train/ema.py), kept in
+            # every checkpoint and sampled from by default: profile "none" | "power" (EDM2's
+            # power function, width sigma_rel as a fraction of training) | "warmup"
+            # (min(decay, (1 + t) / (10 + t)))
+            ema=dict(profile="none", decay=0.9999, sigma_rel=0.05),
         )
     )
     cfg.update(overrides)

@@ -37,7 +37,8 @@ _DISTRIBUTED_COMMANDS = ("train-vae", "evaluate-vae", "train-dit", "generate", "
 _SAMPLE_FLAGS = {"frames": "sample.frames", "height": "sample.height", "width": "sample.width",
                  "seed": "sample.seed", "guidance": "sample.guidance",
                  "visual_guidance": "sample.visual_guidance", "strength": "sample.strength",
-                 "steps": "sample.steps", "solver": "sample.solver", "extender": "prompt.extender"}
+                 "steps": "sample.steps", "solver": "sample.solver", "extender": "prompt.extender",
+                 "weights": "sample.weights"}
 
 
 def _tools() -> dict[str, metadata.EntryPoint]:
@@ -90,7 +91,8 @@ def _parser(tools) -> argparse.ArgumentParser:
              "visual_guidance": (float, "guidance scale on the context frames (1 = none)"),
              "strength": (float, "edit: SDEdit strength in [0, 1]"),
              "steps": (int, "sampler steps"), "solver": (str, "euler, heun or dpmpp_2m"),
-             "extender": (str, "prompt extender: caption_style, none or module.path:function")}
+             "extender": (str, "prompt extender: caption_style, none or module.path:function"),
+             "weights": (str, "the DiT's weights: ema (their moving average) or raw")}
     for name, (kind, help_) in flags.items():
         g.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
                        help=f"{help_} (default: the config's {_SAMPLE_FLAGS[name]})")
@@ -215,9 +217,11 @@ def run(argv: list[str] | None = None) -> int:
             out = stages.model_info(cfg, xla=args.xla)
         elif args.command == "evaluate":
             out = distributed.main_process_first(lambda: stages.evaluate(cfg, wd, progress=progress), args.command)
-            out = out and {k: out[k] for k in ("digit_accuracy", "direction_accuracy", "num_samples")}
+            out = out and {k: v for k, v in out.items() if k.endswith(("accuracy", "accuracy_se"))
+                           or k in ("num_samples", "weights")}
         else:
             out = stages.quickstart(cfg, wd, progress)
+            summary = out and stages.summary_line(out)
             out = out and {k: v for k, v in out.items() if k != "samples"}
     except PromptRefused as e:
         print(f"sora-jax {args.command}: refused: {e}", file=sys.stderr)
@@ -233,6 +237,8 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     if out is not None:  # None: a process other than 0 of a job, which reports nothing
         print(json.dumps(out, indent=2, sort_keys=True, default=str))
+        if args.command == "quickstart":  # the one line a newcomer reads last
+            print(summary)
     return 0
 
 

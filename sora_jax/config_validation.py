@@ -23,6 +23,7 @@ from sora_jax.data.encoded import parse_mix
 from sora_jax.diffusion.conditioning import conditioning_settings
 from sora_jax.diffusion.samplers import SOLVERS
 from sora_jax.errors import ConfigError, StageError
+from sora_jax.inference.generate import WEIGHTS
 from sora_jax.inference.prompts import EXTENDERS, make_filter
 from sora_jax.models.attention import ATTENTION_BACKENDS
 from sora_jax.models.dit import ADALN_KINDS, POS_EMBEDS, REMAT_POLICIES
@@ -31,6 +32,7 @@ from sora_jax.models.text_encoder import BertConfig
 from sora_jax.models.vae_loss import vae_loss_settings
 from sora_jax.parallel.axes import normalize_rules
 from sora_jax.parallel.mesh import MESH_AXES
+from sora_jax.train.ema import EMA_PROFILES
 
 __all__ = ["SECTIONS", "validate_config"]
 
@@ -106,6 +108,9 @@ def check_train(t: ml_collections.ConfigDict, key: str):
     _float(t, "b1", key, 0.0, 1.0, high_open=True)
     _float(t, "b2", key, 0.0, 1.0, high_open=True)
     _float(t, "peak_flops_per_device", key, 0.0)
+    _choice(t.ema, "profile", f"{key}.ema", EMA_PROFILES)
+    _float(t.ema, "decay", f"{key}.ema", 0.0, 1.0, high_open=True)
+    _float(t.ema, "sigma_rel", f"{key}.ema", 0.0, 0.28, low_open=True, high_open=True)
 
 
 def check_data(cfg: ml_collections.ConfigDict):
@@ -302,6 +307,7 @@ def check_sample(cfg: ml_collections.ConfigDict):
     _float(s, "visual_guidance", "sample")
     _float(s, "strength", "sample", 0.0, 1.0)
     _choice(s, "solver", "sample", SOLVERS)
+    _choice(s, "weights", "sample", WEIGHTS)
 
 
 def check_prompt(cfg: ml_collections.ConfigDict):
@@ -318,6 +324,7 @@ def check_prompt(cfg: ml_collections.ConfigDict):
 
 def check_evaluate(cfg: ml_collections.ConfigDict):
     _int(cfg.evaluate, "num_samples", "evaluate", 1)
+    _int(cfg.evaluate, "seeds", "evaluate", 1)
     _int(cfg.evaluate, "batch", "evaluate", 1)
 
 

@@ -28,6 +28,21 @@ def test_generate_writes_video_sheet_and_json(trained_run, tmp_path, capsys):
     assert os.path.getsize(os.path.join(out, "contact_sheet.png")) > 0
 
 
+def test_generate_samples_from_the_ema_weights_unless_told_raw(trained_run, tmp_path):
+    runs = {}
+    for weights in ("ema", "raw"):
+        out = str(tmp_path / weights)
+        flag = [] if weights == "ema" else ["--weights", "raw"]
+        assert run(["generate", "--workdir", trained_run, "--prompt", "the digit 3 moves right",
+                    "--frames", "5", "--steps", "2", "--out", out, "--no-progress", *flag]) == 0
+        sample = json.load(open(os.path.join(out, "samples.json")))["samples"][0]
+        side = json.load(open(os.path.splitext(sample["path"])[0] + ".json"))
+        runs[weights] = side
+    assert runs["ema"]["weights"] == "ema" and runs["raw"]["weights"] == "raw"
+    # the two are different weights (3 steps: the average still lags), hashed apart
+    assert runs["ema"]["checkpoint_sha256"] != runs["raw"]["checkpoint_sha256"]
+
+
 def test_generate_is_deterministic_given_seed(trained_run):
     from sora_jax import config as config_lib
     from sora_jax.inference.generate import Generator
@@ -121,8 +136,17 @@ def test_quickstart_writes_every_metric(trained_run, tmp_path, capsys):
     metrics = json.load(open(os.path.join(wd, "quickstart_metrics.json")))
     for key in ("vae_psnr_heldout_video", "vae_ssim_heldout_video", "vae_psnr_heldout_image",
                 "vae_ssim_heldout_image", "vae_psnr_heldout_digits", "vae_eval_sets",
-                "dit_heldout_loss", "digit_accuracy", "direction_accuracy", "samples", "stage_seconds"):
+                "dit_heldout_loss", "dit_heldout_loss_raw", "digit_accuracy", "direction_accuracy",
+                "joint_accuracy", "samples", "stage_seconds"):
         assert key in metrics, key
+    for key in ("digit_accuracy", "direction_accuracy", "joint_accuracy"):  # EMA and raw, with SEs
+        for name in (key, f"{key}_se", f"raw_{key}", f"raw_{key}_se"):
+            assert 0.0 <= metrics[name] <= 1.0, name
+    assert metrics["eval_weights"] == "ema"
+    # prompts x seeds samples (tiny: 2 prompts x 2 seeds)
+    assert metrics["num_eval_samples"] == 4
+    # the run ends with its one-line summary
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("quickstart: digit ")
     assert metrics["vae_eval_sets"] == {"video": "carphone_pristine", "image": "coffee+flower",
                                         "digits": "moving_mnist_eval"}
     assert 0.0 <= metrics["digit_accuracy"] <= 1.0 and 0.0 <= metrics["direction_accuracy"] <= 1.0

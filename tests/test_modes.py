@@ -184,7 +184,9 @@ def test_cli_modes_write_provenance(trained_run, tmp_path):
     assert sidecar["mode"] == "i2v" and sidecar["prompt"] == "3 going right"
     assert sidecar["extended_prompt"] == "the digit 3 moves right" and sidecar["seed"] == 5
     assert sidecar["sampler"] == "euler" and sidecar["steps"] == 2
-    assert sidecar["checkpoint_sha256"] == checkpoint_fingerprint(paths(trained_run)["dit"])["sha256"]
+    # the weights sampled from: the EMA's (the default), hashed from the checkpoint's ema item
+    assert sidecar["weights"] == "ema"
+    assert sidecar["checkpoint_sha256"] == checkpoint_fingerprint(paths(trained_run)["dit"], item="ema")["sha256"]
     assert sidecar["conditioned_frames_psnr"] >= 35.0
     assert sidecar["inputs"][0]["path"].endswith("photo.png")
     embedded = read_provenance(sample["path"])  # inside the mp4 itself

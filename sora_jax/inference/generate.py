@@ -9,6 +9,8 @@ extension, connection, loops, editing) live in :mod:`sora_jax.inference.modes`.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -23,7 +25,11 @@ from sora_jax.errors import StageError
 from sora_jax.inference.latents import load_codec
 from sora_jax.io import to_float, to_uint8
 from sora_jax.models.factory import build_dit, latent_shape, text_encoder
-from sora_jax.train.run_folder import checkpoint_fingerprint, paths, restore
+from sora_jax.train.run_folder import checkpoint_fingerprint, has_ema, paths, restore
+
+log = logging.getLogger("sora_jax")
+
+WEIGHTS = ("ema", "raw")
 
 
 class Request(NamedTuple):
@@ -55,27 +61,43 @@ class Generator:
     Args:
       cfg: the run's config.
       workdir: the run folder (needs ``vae/`` and ``dit/`` checkpoints).
+      weights: the DiT's weights: ``"ema"`` (the EMA of its parameters,
+        :mod:`sora_jax.train.ema`; a run trained without one falls back to the raw weights, with
+        a warning) or ``"raw"`` (the last iterate); None: ``cfg.sample.weights``. The ones used
+        are in ``self.weights``.
 
     Raises:
-      StageError: a checkpoint is missing or does not match the config.
+      StageError: a checkpoint is missing or does not match the config, or unknown ``weights``.
     """
 
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, weights: str | None = None):
         self.cfg = cfg
         self.workdir = workdir
+        weights = cfg.sample.weights if weights is None else weights
+        if weights not in WEIGHTS:
+            raise StageError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+        run = paths(workdir)["dit"]
+        if weights == "ema" and os.path.isdir(run) and not has_ema(run):
+            log.warning("the DiT checkpoint in %s holds no EMA of its weights (trained with "
+                        "dit_train.ema.profile 'none'?): sampling from the raw weights", run)
+            weights = "raw"
+        self.weights = weights
         self.codec = load_codec(cfg, workdir)
         self.dit = build_dit(cfg)
-        self.dit_step = restore(self.dit, paths(workdir)["dit"], "dit")
+        self.dit_step = (restore(self.dit, run, "dit", subtree="weights", item="ema") if weights == "ema"
+                         else restore(self.dit, run, "dit"))
         self.text_encoder = text_encoder(cfg.text.max_length)
         self._hashes: dict[str, str] | None = None
 
     def checkpoint_hashes(self) -> dict[str, str]:
-        """``checkpoint_sha256`` (DiT) and ``vae_checkpoint_sha256``: the SHA-256 fingerprints
-        of the weights of the run's latest checkpoints
-        (:func:`sora_jax.train.run_folder.checkpoint_fingerprint`), hashed once per Generator."""
+        """``checkpoint_sha256`` (DiT: of the weights used, the EMA's or the raw ones) and
+        ``vae_checkpoint_sha256``: the SHA-256 fingerprints of the weights of the run's latest
+        checkpoints (:func:`sora_jax.train.run_folder.checkpoint_fingerprint`), hashed once per
+        Generator."""
         if self._hashes is None:
             run = paths(self.workdir)
-            self._hashes = {"checkpoint_sha256": checkpoint_fingerprint(run["dit"])["sha256"],
+            item = "ema" if self.weights == "ema" else "model"
+            self._hashes = {"checkpoint_sha256": checkpoint_fingerprint(run["dit"], item=item)["sha256"],
                             "vae_checkpoint_sha256": checkpoint_fingerprint(run["vae"])["sha256"]}
         return dict(self._hashes)
 

@@ -46,6 +46,7 @@ OPTIONAL_PROVENANCE_KEYS: tuple[str, ...] = (
     "model",
     "config_name",
     "checkpoint_step",
+    "weights",  # the DiT's weights: "ema" (their moving average) or "raw"
     "frames",
     "height",
     "width",

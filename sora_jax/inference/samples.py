@@ -128,7 +128,7 @@ def provenance_fields(gen: Generator, *, solver: str, steps: int, guidance: floa
     return {
         "sampler": solver, "steps": int(steps), "guidance": guidance, "visual_guidance": visual_guidance,
         **gen.checkpoint_hashes(),
-        "checkpoint_step": gen.dit_step, "config_name": gen.cfg.name,
+        "checkpoint_step": gen.dit_step, "weights": gen.weights, "config_name": gen.cfg.name,
         "model": {"dit": gen.cfg.dit.to_dict(), "vae": gen.cfg.vae.to_dict()},
         "inputs": list(inputs or []),
     }

@@ -10,11 +10,11 @@ from sora_jax.inference.samples import generate_samples as generate
 from sora_jax.models.info import model_info
 from sora_jax.stages.data import prepare_data
 from sora_jax.stages.dit import dit_heldout_loss, dit_sources, encode_latents, train_dit
-from sora_jax.stages.quickstart import quickstart
+from sora_jax.stages.quickstart import quickstart, summary_line
 from sora_jax.stages.sampling import DEMO_MODES, evaluate, heldout_prompts, prompt_modes
 from sora_jax.stages.vae import evaluate_vae, train_vae
 from sora_jax.train.aot import aot_compile
 
 __all__ = ["DEMO_MODES", "aot_compile", "dit_heldout_loss", "dit_sources", "encode_latents",
            "evaluate", "evaluate_vae", "generate", "heldout_prompts", "model_info",
-           "prepare_data", "prompt_modes", "quickstart", "train_dit", "train_vae"]
+           "prepare_data", "prompt_modes", "quickstart", "summary_line", "train_dit", "train_vae"]

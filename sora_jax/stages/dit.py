@@ -135,6 +135,10 @@ def dit_sources(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = T
 def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
     """Trains the DiT with rectified flow on NaViT-packed batches (encoding latents if needed).
 
+    Returns the training summary (:func:`sora_jax.train.trainer.train`) with, when training on
+    the run's own latents, ``heldout_loss`` (of the EMA weights where ``dit_train.ema`` keeps
+    them) and ``heldout_loss_raw`` (of the last iterate).
+
     On several processes every process calls this: process 0 encodes the latents while the
     others wait, then each trains on its own shard of them over the config's ``mesh``.
 
@@ -161,7 +165,10 @@ def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     summary = train(task, cfg.dit_train, paths(workdir)["dit"], progress=progress, mesh=mesh,
                     rules=rules)
     if not str(cfg.dit_train.data).strip():
-        summary["heldout_loss"] = dit_heldout_loss(cfg, workdir, dit)
+        # of the weights sampling uses: the EMA's where the run keeps one
+        summary["heldout_loss_raw"] = dit_heldout_loss(cfg, workdir, dit)
+        summary["heldout_loss"] = (summary["heldout_loss_raw"] if task.ema is None
+                                   else dit_heldout_loss(cfg, workdir, task.ema.weights))
     return summary
 
 

@@ -65,9 +65,10 @@ def _quickstart_report(cfg, workdir, progress, timed, timings, vae, dit) -> dict
         "vae_eval_sets": {"video": ve["video_set"], "image": ve["image_set"],
                           "digits": ve.get("digits_set")},
         "dit_heldout_loss": dit["heldout_loss"],
+        "dit_heldout_loss_raw": dit.get("heldout_loss_raw"),
         "dit_final_train_loss": dit["final_loss"],
-        "digit_accuracy": ev["digit_accuracy"],
-        "direction_accuracy": ev["direction_accuracy"],
+        **{k: v for k, v in ev.items() if k.endswith(("accuracy", "accuracy_se"))},
+        "eval_weights": ev["weights"],
         "num_eval_samples": ev["num_samples"],
         "samples": ev["samples"],
         "modes": {m: {k: v for k, v in r.items() if k in (
@@ -79,3 +80,15 @@ def _quickstart_report(cfg, workdir, progress, timed, timings, vae, dit) -> dict
     }
     write_json(os.path.join(workdir, "quickstart_metrics.json"), metrics)
     return metrics
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """The quickstart's one-line result: prompt adherence (EMA weights, +- standard error), the
+    autoencoder's held-out PSNR, the loop seam and the time."""
+    acc = " ".join(f"{name} {metrics[k]:.3f}+-{metrics[k + '_se']:.3f}" for name, k in (
+        ("digit", "digit_accuracy"), ("direction", "direction_accuracy"), ("joint", "joint_accuracy")))
+    loop = metrics["modes"].get("loop", {}).get("loop_seam_ratio")
+    return (f"quickstart: {acc} ({metrics['num_eval_samples']} samples, {metrics['eval_weights']} "
+            f"weights) | VAE PSNR video {metrics['vae_psnr_heldout_video']:.2f} dB, image "
+            f"{metrics['vae_psnr_heldout_image']:.2f} dB | loop seam ratio "
+            f"{'-' if loop is None else f'{loop:.3f}'} | {metrics['total_seconds']:.0f} s")

@@ -31,22 +31,67 @@ def heldout_prompts(cfg: ml_collections.ConfigDict, workdir: str, limit: int) ->
     return captions[:limit]
 
 
+SHOWN = 10  # samples written by evaluate (the held-out set has 10 digit/direction combinations)
+
+
+def _standard_errors(result: dict[str, Any]) -> dict[str, float]:
+    """Binomial standard errors sqrt(p (1 - p) / n) of the accuracies of ``evaluate_samples``."""
+    n = {"digit_accuracy": result["num_samples"], "direction_accuracy": result["num_direction_samples"],
+         "joint_accuracy": result["num_direction_samples"]}
+    return {f"{k}_se": float(np.sqrt(result[k] * (1.0 - result[k]) / n[k])) if n[k] else float("nan")
+            for k in n}
+
+
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str, generator: Generator | None = None,
              progress: bool = True) -> dict[str, Any]:
-    """Prompt adherence on held-out prompts: digit and direction accuracy of generated samples."""
-    gen = generator or Generator(cfg, workdir)
+    """Prompt adherence on held-out prompts: digit, direction and joint accuracy of samples.
+
+    Every one of the first ``evaluate.num_samples`` held-out prompts is sampled with
+    ``evaluate.seeds`` noise seeds (``sample.seed + 1000 k``), from the DiT's EMA weights and
+    from its raw weights (once only when the run has no EMA). Each accuracy comes with its
+    binomial standard error (``*_se``); the raw weights' results carry the prefix ``raw_``.
+    One EMA sample of each distinct prompt (up to ``SHOWN``) is written to ``<workdir>/eval/``
+    with a contact sheet.
+
+    Raises:
+      StageError: no held-out prompts.
+    """
     s, e = cfg.sample, cfg.evaluate
     prompts = heldout_prompts(cfg, workdir, e.num_samples)
     if not prompts:
         raise StageError("no held-out prompts to evaluate: data.heldout_prompts and evaluate.num_samples must be > 0")
-    videos = []
-    for i in tqdm(range(0, len(prompts), e.batch), desc="evaluate", disable=not progress):
-        videos += gen(prompts[i : i + e.batch], frames=s.frames, height=s.height, width=s.width,
-                      seed=s.seed + i, guidance=s.guidance, steps=s.steps, solver=s.solver)
-    result = evaluate_samples(videos, prompts)
+    main = generator or Generator(cfg, workdir, weights="ema")
+    runs = [main] if main.weights == "raw" else [main, Generator(cfg, workdir, weights="raw")]
+    captions = [p for _ in range(e.seeds) for p in prompts]
+    by_weights, shown = {}, None
+    for gen in runs:
+        videos = []
+        with tqdm(total=len(captions), desc=f"evaluate ({gen.weights})", disable=not progress) as bar:
+            for k in range(e.seeds):
+                for i in range(0, len(prompts), e.batch):
+                    videos += gen(prompts[i : i + e.batch], frames=s.frames, height=s.height,
+                                  width=s.width, seed=s.seed + 1000 * k + i, guidance=s.guidance,
+                                  steps=s.steps, solver=s.solver)
+                    bar.update(len(prompts[i : i + e.batch]))
+        res = evaluate_samples(videos, captions)
+        res.update(_standard_errors(res))
+        by_weights[gen.weights] = res
+        shown = videos if shown is None else shown
+    result = dict(by_weights[main.weights], weights=main.weights)
+    raw = by_weights["raw"]
+    for k in ("digit_accuracy", "direction_accuracy", "joint_accuracy"):
+        result[f"raw_{k}"], result[f"raw_{k}_se"] = raw[k], raw[f"{k}_se"]
+    result["raw_per_sample"] = raw["per_sample"]
     out = paths(workdir)["eval"]
-    info = {"checkpoint_step": gen.dit_step, "seed": s.seed, "guidance": s.guidance, "steps": s.steps}
-    result["samples"] = write_samples(out, prompts[:8], videos[:8], info, fps=s.fps)
+    info = {"checkpoint_step": main.dit_step, "weights": main.weights, "seed": s.seed,
+            "guidance": s.guidance, "steps": s.steps}
+    # one sample of each distinct held-out prompt (all ten digit/direction combinations), first seed
+    index_of: dict[str, int] = {}
+    for i, c in enumerate(captions):
+        index_of.setdefault(c, i)
+    picked = list(index_of.values())[:SHOWN]
+    result["samples"] = write_samples(out, [captions[i] for i in picked], [shown[i] for i in picked],
+                                      info, fps=s.fps)
     write_json(os.path.join(out, "evaluate.json"), result)
     return result
 

@@ -5,7 +5,7 @@ abstractly (``nnx.eval_shape``: no weights in memory), lays them out on a mesh o
 simulated CPU devices as the topology has chips (``--xla_force_host_platform_device_count``),
 compiles one training step for an abstract packed batch, and reports what XLA planned per
 device: memory (``compiled.memory_analysis()``: arguments + outputs - donated aliases +
-temporaries) and FLOPs (``compiled.cost_analysis()``), next to the analytic model FLOPs. It
+temporaries; the parameters' EMA included when ``dit_train.ema`` keeps one) and FLOPs (``compiled.cost_analysis()``), next to the analytic model FLOPs. It
 exits non-zero when the per-device bytes exceed the chip's memory, before any pod time is
 spent (the idea of MaxText's ``train_compile``).
 
@@ -33,6 +33,7 @@ from sora_jax.parallel.mesh import create_mesh, describe
 from sora_jax.parallel.sharding import batch_spec
 from sora_jax.parallel.topologies import parse
 from sora_jax.train.steps import dit_loss_fn
+from sora_jax.train.ema import EMA
 from sora_jax.train.trainer import TrainStep, make_optimizer, skip_nonfinite
 
 
@@ -68,13 +69,17 @@ def compile_dit_train_step(cfg: ml_collections.ConfigDict, mesh, rules, *, rows:
         cfg.dit.attention_backend = "chunked"
     tx, schedule = make_optimizer(cfg.dit_train)
 
+    with_ema = cfg.dit_train.ema.profile != "none"
+
     def build():
         model = build_dit(cfg)
-        return model, nnx.Optimizer(model, skip_nonfinite(tx), wrt=nnx.Param)
+        # the EMA is one more copy of the parameters, sharded like them
+        ema = EMA(model, cfg.dit_train.ema) if with_ema else None
+        return model, nnx.Optimizer(model, skip_nonfinite(tx), wrt=nnx.Param), ema
 
-    model, optimizer = nnx.eval_shape(build)
+    model, optimizer, ema = nnx.eval_shape(build)
     step = TrainStep(model, optimizer, dit_loss_fn(cfg.flow, cfg.conditioning), schedule,
-                     int(cfg.dit_train.seed), mesh=mesh, rules=rules)
+                     int(cfg.dit_train.seed), mesh=mesh, rules=rules, ema=ema)
     batch = abstract_batch(mesh, rules, rows=rows, seq_len=seq_len, text_len=text_len,
                            in_dim=dit_in_dim(cfg), text_dim=int(cfg.dit.text_dim))
     t0 = time.time()

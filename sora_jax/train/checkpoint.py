@@ -1,10 +1,12 @@
 """Orbax checkpoints of a model and its optimizer, resumable from the latest step.
 
 Layout under ``<workdir>/checkpoints/<step>/``: ``model`` (parameters), ``optimizer`` (optax state
-and step counter), ``meta`` (JSON: step, run name, config) and, for iterator-fed runs, ``data``
-(the Grain iterator state after the last consumed batch, written by Grain's own Orbax handler
-as one ``process_<i>-of-<n>.json`` per process: every host resumes its own shard's position).
-Inference restores ``model`` alone.
+and step counter), ``meta`` (JSON: step, run name, config), for runs with an EMA of their
+parameters ``ema`` (``weights``: the averaged model, same tree as ``model``; ``count``: updates
+applied) and, for iterator-fed runs, ``data`` (the Grain iterator state after the last consumed
+batch, written by Grain's own Orbax handler as one ``process_<i>-of-<n>.json`` per process:
+every host resumes its own shard's position). Inference restores ``model`` or ``ema.weights``
+alone.
 """
 
 from __future__ import annotations
@@ -112,10 +114,16 @@ class Checkpointer:
         self.manager.reload()
         return dst
 
+    def has_item(self, step: int, item: str) -> bool:
+        """Whether checkpoint ``step`` holds ``item`` (e.g. ``"ema"``: runs without an EMA, and
+        those written before there was one, have none)."""
+        return os.path.isdir(os.path.join(self.directory, str(int(step)), item))
+
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None, meta: dict[str, Any],
-             data_state: dict[str, Any] | None = None):
-        """Writes model parameters, optimizer state, JSON metadata and the input iterator's
-        state (``data_state``: JSON-serialisable, e.g. ``grain.DatasetIterator.get_state()``)."""
+             data_state: dict[str, Any] | None = None, ema: nnx.Module | None = None):
+        """Writes model parameters, optimizer state, JSON metadata, the input iterator's
+        state (``data_state``: JSON-serialisable, e.g. ``grain.DatasetIterator.get_state()``)
+        and the parameters' EMA (``ema``: :class:`sora_jax.train.ema.EMA`)."""
         # Orbax refuses device arrays of one process in a multi-process job: hand it host copies
         values = jax.device_get if self._alone else (lambda tree: tree)
         items = {
@@ -124,17 +132,25 @@ class Checkpointer:
         }
         if optimizer is not None:
             items["optimizer"] = ocp.args.StandardSave(values(nnx.to_pure_dict(nnx.state(optimizer))))
+        if ema is not None:
+            items["ema"] = ocp.args.StandardSave(values(nnx.to_pure_dict(nnx.state(ema))))
         if data_state is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorState(data_state))
         self.manager.save(int(step), args=ocp.args.Composite(**items))
 
     def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, step: int | None = None,
-                *, subtree: str | None = None) -> dict:
-        """Restores in place into ``model`` (and ``optimizer``) and returns the saved metadata.
+                *, subtree: str | None = None, item: str = "model", ema: nnx.Module | None = None) -> dict:
+        """Restores in place into ``model`` (and ``optimizer``, ``ema``) and returns the saved
+        metadata.
 
-        ``subtree``: restore ``model`` from that top-level entry of the saved model only (e.g.
-        ``"vae"`` of a saved ``VAETrainModel``: inference reads the autoencoder and never the
-        discriminator it was trained with); the optimizer cannot be restored that way.
+        ``subtree``: restore ``model`` from that top-level entry of the saved ``item`` only
+        (e.g. ``"vae"`` of a saved ``VAETrainModel``: inference reads the autoencoder and never
+        the discriminator it was trained with; ``item="ema", subtree="weights"``: the averaged
+        parameters); the optimizer cannot be restored that way.
+
+        ``ema`` (:class:`sora_jax.train.ema.EMA`): restored from the ``ema`` item; a checkpoint
+        without one (written before the run had an EMA) starts it from the restored
+        parameters with its count at 0, and ``meta["ema_restored"]`` is False.
 
         Raises:
           CheckpointNotFoundError: no checkpoint exists under the directory (or not ``step``).
@@ -142,9 +158,11 @@ class Checkpointer:
             not the model's (Orbax itself would restore it as saved).
         """
         if subtree is not None:
-            if optimizer is not None:
+            if optimizer is not None or ema is not None:
                 raise ValueError("restore(subtree=...) restores a model only, not an optimizer")
-            return self._restore_subtree(model, subtree, step)
+            return self._restore_subtree(model, subtree, step, item)
+        if item != "model":
+            raise ValueError(f"restore(item={item!r}) needs a subtree (e.g. 'weights')")
         step = self.latest_step() if step is None else step
         if step is None or step not in self.manager.all_steps():
             raise CheckpointNotFoundError(
@@ -158,6 +176,10 @@ class Checkpointer:
         if optimizer is not None:
             opt_state = nnx.state(optimizer)
             items["optimizer"] = ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(opt_state)))
+        with_ema = ema is not None and self.has_item(step, "ema")
+        if with_ema:
+            ema_state = nnx.state(ema)
+            items["ema"] = ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(ema_state)))
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         _check_shapes(items["model"].item, restored["model"], "model")
         if optimizer is not None:
@@ -167,23 +189,35 @@ class Checkpointer:
         if optimizer is not None:
             nnx.replace_by_pure_dict(opt_state, restored["optimizer"])
             nnx.update(optimizer, opt_state)
-        return dict(restored["meta"])
+        meta = dict(restored["meta"])
+        if with_ema:
+            _check_shapes(items["ema"].item, restored["ema"], "ema")
+            nnx.replace_by_pure_dict(ema_state, restored["ema"])
+            nnx.update(ema, ema_state)
+        elif ema is not None:  # an older checkpoint: the average starts here
+            nnx.update(ema.weights, jax.tree.map(lambda x: x.copy(), nnx.state(model, nnx.Param)))
+            ema.count[...] = jax.numpy.zeros_like(ema.count[...])
+        if ema is not None:
+            meta["ema_restored"] = with_ema
+        return meta
 
-    def _restore_subtree(self, model: nnx.Module, subtree: str, step: int | None) -> dict:
+    def _restore_subtree(self, model: nnx.Module, subtree: str, step: int | None, item: str) -> dict:
         step = self.latest_step() if step is None else step
         if step is None or step not in self.manager.all_steps():
             raise CheckpointNotFoundError(
                 f"no checkpoint{'' if step is None else f' for step {step}'} in {self.directory}"
             )
+        if not self.has_item(step, item):
+            raise CheckpointNotFoundError(f"checkpoint {step} in {self.directory} holds no {item!r} item")
         model_state = nnx.state(model)
         target = {subtree: _abstract(nnx.to_pure_dict(model_state))}
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            model=ocp.args.PyTreeRestore(
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{
+            item: ocp.args.PyTreeRestore(
                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True),
-            meta=ocp.args.JsonRestore()))
-        _check_shapes(target[subtree], restored["model"][subtree], f"model[{subtree!r}]")
-        nnx.replace_by_pure_dict(model_state, restored["model"][subtree])
+            "meta": ocp.args.JsonRestore()}))
+        _check_shapes(target[subtree], restored[item][subtree], f"{item}[{subtree!r}]")
+        nnx.replace_by_pure_dict(model_state, restored[item][subtree])
         nnx.update(model, model_state)
         return dict(restored["meta"])
 

@@ -32,7 +32,7 @@ from sora_jax.errors import ConfigError, StageError
 from sora_jax.io import folder_sha256
 from sora_jax.train.checkpoint import CheckpointNotFoundError, Checkpointer
 
-__all__ = ["checkpoint_fingerprint", "datasets", "latest_step", "paths", "read_config",
+__all__ = ["checkpoint_fingerprint", "datasets", "has_ema", "latest_step", "paths", "read_config",
            "restore", "save_config"]
 
 
@@ -82,15 +82,17 @@ def latest_step(run_dir: str) -> int | None:
     return max(steps) if steps else None
 
 
-def checkpoint_fingerprint(run_dir: str, step: int | None = None) -> dict[str, Any] | None:
+def checkpoint_fingerprint(run_dir: str, step: int | None = None, item: str = "model") -> dict[str, Any] | None:
     """What identifies a checkpoint's weights, without loading them: ``{"step": int,
     "sha256": hex}``, the :func:`sora_jax.io.folder_sha256` of its saved ``model`` item
-    (weights and latent statistics; not the optimizer, iterator state or metadata). A copied
-    run folder keeps it; a retrained or edited one changes it.
+    (weights and latent statistics; not the optimizer, iterator state or metadata), or of
+    another ``item`` (``"ema"``: the averaged weights). A copied run folder keeps it; a
+    retrained or edited one changes it.
 
     Args:
       run_dir: a training run folder, e.g. ``<workdir>/vae``.
       step: the checkpoint; None: the latest.
+      item: the checkpoint item hashed.
 
     Returns:
       The fingerprint, or None when ``step`` is None and there is no checkpoint.
@@ -104,11 +106,18 @@ def checkpoint_fingerprint(run_dir: str, step: int | None = None) -> dict[str, A
             return None
     elif int(step) not in ocp.utils.checkpoint_steps(_checkpoints(run_dir)):
         raise FileNotFoundError(f"no checkpoint for step {step} in {_checkpoints(run_dir)}")
-    model = os.path.join(_checkpoints(run_dir), str(int(step)), "model")
-    return {"step": int(step), "sha256": folder_sha256(model)}
+    folder = os.path.join(_checkpoints(run_dir), str(int(step)), item)
+    return {"step": int(step), "sha256": folder_sha256(folder)}
 
 
-def restore(model: nnx.Module, run_dir: str, what: str, subtree: str | None = None) -> int:
+def has_ema(run_dir: str) -> bool:
+    """Whether the latest checkpoint of a training run folder holds an EMA of its parameters."""
+    step = latest_step(run_dir)
+    return step is not None and os.path.isdir(os.path.join(_checkpoints(run_dir), str(step), "ema"))
+
+
+def restore(model: nnx.Module, run_dir: str, what: str, subtree: str | None = None,
+            item: str = "model") -> int:
     """Restores the latest checkpoint of a training run folder into ``model`` in place, on this
     process alone (inference and encoding run per process), and returns its step.
 
@@ -116,8 +125,10 @@ def restore(model: nnx.Module, run_dir: str, what: str, subtree: str | None = No
       model: a freshly built model of the run's config (:mod:`sora_jax.models.factory`).
       run_dir: e.g. ``<workdir>/dit``.
       what: "vae" or "dit", for messages (``sora-jax train-<what>``).
-      subtree: restore from that top-level entry of the saved model (``"vae"`` of a saved
+      subtree: restore from that top-level entry of the saved item (``"vae"`` of a saved
         ``VAETrainModel``, whose discriminator inference never reads).
+      item: the checkpoint item: ``"model"`` (the trained parameters) or ``"ema"`` (with
+        ``subtree="weights"``: their EMA, :mod:`sora_jax.train.ema`).
 
     Raises:
       StageError: no checkpoint, or one whose tree does not match ``model`` (another config).
@@ -126,7 +137,7 @@ def restore(model: nnx.Module, run_dir: str, what: str, subtree: str | None = No
         raise StageError(f"no {what} checkpoint in {run_dir}: run `sora-jax train-{what}` first")
     ckpt = Checkpointer(_checkpoints(run_dir), this_process_only=True)
     try:
-        meta = ckpt.restore(model, subtree=subtree)
+        meta = ckpt.restore(model, subtree=subtree, item=item)
     except CheckpointNotFoundError:
         raise StageError(f"no {what} checkpoint in {run_dir}: run `sora-jax train-{what}` first") from None
     except (ValueError, KeyError) as e:  # a tree that does not match this model

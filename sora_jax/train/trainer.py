@@ -35,6 +35,7 @@ from sora_jax.parallel.mesh import describe
 from sora_jax.parallel.sharding import (activate, place, place_objects, shard_batch,
                                         state_shardings)
 from sora_jax.train.checkpoint import Checkpointer
+from sora_jax.train.ema import EMA
 from sora_jax.train.host_memory import release_free_host_memory
 from sora_jax.train.metric_writer import MetricWriter
 from sora_jax.train.throughput import Throughput, peak_flops_per_device
@@ -72,6 +73,8 @@ class TrainTask:
         metric; None: not reported.
       flops_per_step: model FLOPs of one step over the global batch (3 x forward), for the
         ``mfu`` metric (:mod:`sora_jax.train.throughput`); None: not reported.
+      ema: set by ``train`` when its config enables an EMA (``ema.profile`` not "none"): the
+        :class:`sora_jax.train.ema.EMA` of ``model``, as trained (``ema.weights`` is a model).
     """
 
     name: str
@@ -84,6 +87,7 @@ class TrainTask:
     on_finish: Callable[[nnx.Module], None] | None = None
     tokens_per_step: float | None = None
     flops_per_step: float | None = None
+    ema: Any = None
 
 
 class Preempted(RuntimeError):
@@ -150,7 +154,7 @@ class _TraceWindow:
             log.info("profile of steps %d-%d written to %s", self.start, self.stop - 1, self.logdir)
 
 
-def _restore_latest(ckpt: Checkpointer, task: "TrainTask", optimizer) -> tuple[int, Any]:
+def _restore_latest(ckpt: Checkpointer, task: "TrainTask", optimizer, ema=None) -> tuple[int, Any]:
     """Restores the newest readable checkpoint; unreadable newer ones are quarantined.
 
     Newer checkpoints are renamed ``<step>.corrupt`` only once an older one has restored:
@@ -165,7 +169,7 @@ def _restore_latest(ckpt: Checkpointer, task: "TrainTask", optimizer) -> tuple[i
     steps, failed = ckpt.all_steps(), []
     for step in steps:
         try:
-            meta = ckpt.restore(task.model, optimizer, step=step)
+            meta = ckpt.restore(task.model, optimizer, step=step, ema=ema)
             data_state = ckpt.restore_data_state(step)
         except Exception as e:  # noqa: BLE001 - any unreadable file: try the one before
             failed.append((step, e))
@@ -283,11 +287,14 @@ class TrainStep:
         (:func:`sora_jax.parallel.sharding.shard_batch`), and activations follow the
         model's ``constrain`` calls. Without it, everything lives on the default device.
       rules: logical-axis rules for ``mesh`` (default :data:`sora_jax.parallel.axes.DEFAULT_RULES`).
+      ema: optional :class:`sora_jax.train.ema.EMA` of ``model``, updated after every applied
+        optimizer step (not after a skipped non-finite one); part of the donated state, and
+        sharded like the parameters on a mesh.
     """
 
     def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn,
-                 schedule: optax.Schedule, seed: int, mesh=None, rules=None):
-        self._objects = (model, optimizer)
+                 schedule: optax.Schedule, seed: int, mesh=None, rules=None, ema: EMA | None = None):
+        self._objects = (model, optimizer) if ema is None else (model, optimizer, ema)
         graphdef, self.state = nnx.split(self._objects)
         base_key = jax.random.key(seed)
         self.compiles = 0
@@ -296,7 +303,7 @@ class TrainStep:
 
         def step_fn(state, batch, step):
             self.compiles += 1  # runs only while tracing: one count per compilation
-            model, opt = nnx.merge(graphdef, state)
+            model, opt, *averaged = nnx.merge(graphdef, state)
             key = jax.random.fold_in(base_key, step)
             (loss, aux), grads = nnx.value_and_grad(
                 lambda m: loss_fn(m, batch, key, step), has_aux=True
@@ -308,9 +315,11 @@ class TrainStep:
                 finite = opt.opt_state.last_finite[...]
             else:
                 finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            for ema in averaged:
+                ema.update(model, finite)
             aux = dict(aux, loss=loss, grad_norm=grad_norm, learning_rate=schedule(step),
                        nonfinite=1.0 - finite.astype(jnp.float32))
-            return nnx.state((model, opt)), aux
+            return nnx.state((model, opt, *averaged)), aux
 
         if mesh is None:
             self._jit = jax.jit(step_fn, donate_argnums=(0,))
@@ -375,8 +384,10 @@ def train(
         learning_rate, warmup_steps, weight_decay, grad_clip, b1, b2, min_lr_ratio, seed,
         log_every, checkpoint_every, max_to_keep, nonfinite_limit, peak_flops_per_device,
         profile_start_step / profile_steps (a ``jax.profiler`` trace of those steps into
-        ``logs/``; 0 steps: none) and compilation_cache_dir (JAX's persistent compilation
-        cache; "": off).
+        ``logs/``; 0 steps: none), compilation_cache_dir (JAX's persistent compilation
+        cache; "": off) and ema (profile, decay, sigma_rel: an EMA of the parameters,
+        :mod:`sora_jax.train.ema`, saved in every checkpoint as its ``ema`` item and left in
+        ``task.ema``; profile "none": none).
       workdir: run folder; checkpoints go to ``checkpoints/``, metrics to ``logs/``.
       progress: show a tqdm bar.
       mesh, rules: optional device mesh and logical-axis rules (see :class:`TrainStep`); each
@@ -419,6 +430,8 @@ def train(
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(cfg.compilation_cache_dir))
     tx, schedule = (task.optimizer_fn or make_optimizer)(cfg)
     optimizer = nnx.Optimizer(task.model, skip_nonfinite(tx), wrt=nnx.Param)
+    ema = EMA(task.model, cfg.ema) if cfg.ema.profile != "none" else None
+    task.ema = ema
     peak = None
     if task.flops_per_step:
         peak, peak_source = peak_flops_per_device(cfg.peak_flops_per_device)
@@ -430,21 +443,22 @@ def train(
         # on the mesh before restoring, so the checkpoint restores straight into the shardings
         # (each host reads its own shards) and every process's arrays are global ones
         rules = DEFAULT_RULES if rules is None else rules
-        place_objects((task.model, optimizer), mesh, rules)
+        place_objects(tuple(o for o in (task.model, optimizer, ema) if o is not None), mesh, rules)
     # Several processes with a mesh train one model together; without one, the state is this
     # process's own and so are its checkpoints (the others must not call train meanwhile).
     collective = mesh is not None and jax.process_count() > 1
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
                         this_process_only=not collective)
     try:
-        start, data_state = _restore_latest(ckpt, task, optimizer)
+        start, data_state = _restore_latest(ckpt, task, optimizer, ema)
     except BaseException:
         ckpt.close()
         raise
     # metrics logged after the restored step by a run that died are cut from the logs
     writer = MetricWriter(os.path.join(workdir, "logs"), enabled=main_process, resume_step=start)
 
-    step = TrainStep(task.model, optimizer, task.loss_fn, schedule, cfg.seed, mesh=mesh, rules=rules)
+    step = TrainStep(task.model, optimizer, task.loss_fn, schedule, cfg.seed, mesh=mesh, rules=rules,
+                     ema=ema)
     if mesh is not None:
         log.info("%s: mesh %s", task.name, describe(mesh))
     summary: dict[str, Any] = {"resumed_from": start, "steps": cfg.steps}
@@ -499,7 +513,7 @@ def train(
                 bar.update(1)
                 if stop and done < cfg.steps:
                     sync_model()
-                    ckpt.save(done, task.model, optimizer, task.meta, data_state)
+                    ckpt.save(done, task.model, optimizer, task.meta, data_state, ema=ema)
                     ckpt.wait()
                     log.warning("%s: SIGTERM: saved step %d, stopping", task.name, done)
                     raise Preempted(task.name, done)
@@ -510,7 +524,7 @@ def train(
                         # Not guarded by an earlier save: a rerun resuming at the final step
                         # would skip on_finish and keep a checkpoint without what it stores.
                         task.on_finish(task.model)
-                    ckpt.save(done, task.model, optimizer, task.meta, data_state)
+                    ckpt.save(done, task.model, optimizer, task.meta, data_state, ema=ema)
                     # the logs hold every step a resume keeps, even if the process is killed
                     writer.flush()
                     timed["overhead"] += time.perf_counter() - t_save
