@@ -120,3 +120,13 @@ def test_resume_from_a_checkpoint_without_ema_starts_the_average_there(tmp_path)
     with pytest.raises(FileNotFoundError, match="'ema'"):
         ck.restore(Regressor(), item="ema", subtree="weights")
     ck.close()
+
+
+def test_train_resuming_a_run_without_ema_warns_and_averages_from_there(tmp_path, caplog):
+    train(TrainTask("reg", Regressor(), loss_fn, batch_fn), cfg(6), str(tmp_path), progress=False)
+    task = TrainTask("reg", Regressor(), loss_fn, batch_fn)
+    with caplog.at_level("WARNING", logger="sora_jax.train"):
+        summary = train(task, cfg(8, ema=dict(profile="power", decay=0.9999, sigma_rel=0.1)),
+                        str(tmp_path), progress=False)
+    assert summary["resumed_from"] == 6 and "holds no EMA" in caplog.text
+    assert int(task.ema.count[...]) == 2  # steps 7 and 8 only

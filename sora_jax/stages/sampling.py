@@ -47,9 +47,11 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, generator: Generator 
     """Prompt adherence on held-out prompts: digit, direction and joint accuracy of samples.
 
     Every one of the first ``evaluate.num_samples`` held-out prompts is sampled with
-    ``evaluate.seeds`` noise seeds (``sample.seed + 1000 k``), from the DiT's EMA weights and
-    from its raw weights (once only when the run has no EMA). Each accuracy comes with its
-    binomial standard error (``*_se``); the raw weights' results carry the prefix ``raw_``.
+    ``evaluate.seeds`` noise seeds (``sample.seed + 1000 k``), from the generator's weights (by
+    default the DiT's EMA; ``weights`` in the result) and again from its raw weights (once
+    only when those are the ones already used, e.g. a run without an EMA). Each accuracy comes
+    with its binomial standard error (``*_se``); the raw weights' results carry the prefix
+    ``raw_``.
     One EMA sample of each distinct prompt (up to ``SHOWN``) is written to ``<workdir>/eval/``
     with a contact sheet.
 
