@@ -366,4 +366,6 @@ def validate_config(cfg: ml_collections.ConfigDict):
         try:
             check(cfg)
         except (KeyError, AttributeError) as e:  # a key the section lacks
-            raise ConfigError(f"config key missing: {e}") from None
+            raise ConfigError(f"config key missing: {e} (a run folder's config.json written before "
+                              "that key existed: pass --config with the run's packaged config, "
+                              "e.g. --config quickstart, and its overrides)") from None

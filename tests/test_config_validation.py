@@ -104,6 +104,13 @@ def test_a_missing_section_is_named():
         validate_config(cfg)
 
 
+def test_a_key_an_older_run_folder_lacks_is_named_with_the_way_out():
+    cfg = _cfg()
+    del cfg.dit_train["ema"]  # what a config.json written before issue 16 holds
+    with pytest.raises(ConfigError, match=r"'ema'.*--config quickstart"):
+        validate_config(cfg)
+
+
 @pytest.mark.parametrize("command,override", [
     ("train-dit", "--config.dit_train.steps=-3"),
     ("train-vae", "--config.vae_train.steps=-3"),
