@@ -43,6 +43,19 @@ def test_generate_samples_from_the_ema_weights_unless_told_raw(trained_run, tmp_
     assert runs["ema"]["checkpoint_sha256"] != runs["raw"]["checkpoint_sha256"]
 
 
+def test_with_weights_shares_the_autoencoder_and_swaps_the_dit(trained_run):
+    from sora_jax import config as config_lib
+    from sora_jax.inference.generate import Generator
+    from sora_jax.train.run_folder import paths
+
+    cfg = config_lib.from_json(open(paths(trained_run)["config"]).read())
+    ema = Generator(cfg, trained_run)
+    raw = ema.with_weights("raw")
+    assert (ema.weights, raw.weights) == ("ema", "raw") and raw.codec is ema.codec
+    assert raw.checkpoint_hashes()["checkpoint_sha256"] != ema.checkpoint_hashes()["checkpoint_sha256"]
+    assert Generator(cfg, trained_run, weights="raw").checkpoint_hashes() == raw.checkpoint_hashes()
+
+
 def test_generate_is_deterministic_given_seed(trained_run):
     from sora_jax import config as config_lib
     from sora_jax.inference.generate import Generator

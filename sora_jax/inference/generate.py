@@ -9,6 +9,7 @@ extension, connection, loops, editing) live in :mod:`sora_jax.inference.modes`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import NamedTuple
@@ -73,21 +74,34 @@ class Generator:
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, weights: str | None = None):
         self.cfg = cfg
         self.workdir = workdir
-        weights = cfg.sample.weights if weights is None else weights
+        self.codec = load_codec(cfg, workdir)
+        self.text_encoder = text_encoder(cfg.text.max_length)
+        self._load_dit(cfg.sample.weights if weights is None else weights)
+
+    def _load_dit(self, weights: str):
         if weights not in WEIGHTS:
             raise StageError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-        run = paths(workdir)["dit"]
+        run = paths(self.workdir)["dit"]
         if weights == "ema" and os.path.isdir(run) and not has_ema(run):
             log.warning("the DiT checkpoint in %s holds no EMA of its weights (trained with "
                         "dit_train.ema.profile 'none'?): sampling from the raw weights", run)
             weights = "raw"
         self.weights = weights
-        self.codec = load_codec(cfg, workdir)
-        self.dit = build_dit(cfg)
+        self.dit = build_dit(self.cfg)
         self.dit_step = (restore(self.dit, run, "dit", subtree="weights", item="ema") if weights == "ema"
                          else restore(self.dit, run, "dit"))
-        self.text_encoder = text_encoder(cfg.text.max_length)
         self._hashes: dict[str, str] | None = None
+
+    def with_weights(self, weights: str) -> "Generator":
+        """A Generator of the same run with the DiT's ``weights`` ("ema" or "raw"; see the
+        class), sharing this one's autoencoder and text encoder (only the DiT is loaded).
+
+        Raises:
+          StageError: unknown ``weights`` or an unreadable DiT checkpoint.
+        """
+        other = copy.copy(self)
+        other._load_dit(weights)
+        return other
 
     def checkpoint_hashes(self) -> dict[str, str]:
         """``checkpoint_sha256`` (DiT: of the weights used, the EMA's or the raw ones) and

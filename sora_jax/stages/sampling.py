@@ -63,7 +63,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, generator: Generator 
     if not prompts:
         raise StageError("no held-out prompts to evaluate: data.heldout_prompts and evaluate.num_samples must be > 0")
     main = generator or Generator(cfg, workdir, weights="ema")
-    runs = [main] if main.weights == "raw" else [main, Generator(cfg, workdir, weights="raw")]
+    runs = [main] if main.weights == "raw" else [main, main.with_weights("raw")]
     captions = [p for _ in range(e.seeds) for p in prompts]
     by_weights, shown = {}, None
     for gen in runs:

@@ -5,7 +5,8 @@ abstractly (``nnx.eval_shape``: no weights in memory), lays them out on a mesh o
 simulated CPU devices as the topology has chips (``--xla_force_host_platform_device_count``),
 compiles one training step for an abstract packed batch, and reports what XLA planned per
 device: memory (``compiled.memory_analysis()``: arguments + outputs - donated aliases +
-temporaries; the parameters' EMA included when ``dit_train.ema`` keeps one) and FLOPs (``compiled.cost_analysis()``), next to the analytic model FLOPs. It
+temporaries; the parameters' EMA included when ``dit_train.ema`` keeps one) and FLOPs
+(``compiled.cost_analysis()``), next to the analytic model FLOPs. It
 exits non-zero when the per-device bytes exceed the chip's memory, before any pod time is
 spent (the idea of MaxText's ``train_compile``).
 
