@@ -13,7 +13,8 @@ CPUs: the metrics do not depend on speed (step counts are fixed), only the wall 
 Prints one JSON object: ``seeds``, ``<metric>_by_seed``, ``<metric>_mean``, ``<metric>_std``
 (sample standard deviation) and ``<metric>_spread`` (max - min) for ``digit_accuracy``,
 ``direction_accuracy``, ``joint_accuracy`` (EMA weights), their ``raw_`` counterparts, the
-autoencoder's held-out PSNRs, ``loop_seam_ratio`` and ``dit_heldout_loss``; ``floors_met``
+autoencoder's held-out PSNRs, ``loop_seam_ratio`` (the demo loop), ``loop_seam_ratio_mean``
+(over ``evaluate.loop_samples`` loops; absent for runs from before it) and ``dit_heldout_loss``; ``floors_met``
 (the quickstart's goals: mean digit >= 0.8, direction >= 0.95, joint >= 0.75, spread of digit
 and direction <= 0.1) and ``seconds_by_seed`` (stage time of each run).
 
@@ -74,8 +75,8 @@ def summarize(by_seed: dict[int, dict]) -> dict:
     seeds = sorted(by_seed)
     out: dict = {"seeds": seeds}
     metrics = dict((k, [by_seed[s].get(k) for s in seeds]) for k in METRICS)
-    metrics["loop_seam_ratio"] = [by_seed[s].get("modes", {}).get("loop", {}).get("loop_seam_ratio")
-                                  for s in seeds]
+    for k in ("loop_seam_ratio", "loop_seam_ratio_mean"):  # the demo loop's; the mean over loops
+        metrics[k] = [by_seed[s].get("modes", {}).get("loop", {}).get(k) for s in seeds]
     for k, values in metrics.items():
         if any(v is None for v in values):
             continue

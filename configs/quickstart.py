@@ -170,8 +170,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # filter.blocked_terms None = sora_jax.inference.prompts.DEFAULT_BLOCKED_TERMS; refusals exit with 3.
     c.prompt = dict(extender="caption_style",
                     filter=dict(enabled=True, blocked_terms=None, blocked_patterns=()))
-    # num_samples held-out prompts x seeds noise seeds each, from the EMA and the raw weights
-    c.evaluate = dict(num_samples=40, seeds=3, batch=8)
+    # num_samples held-out prompts x seeds noise seeds each, from the EMA and the raw weights;
+    # loop_samples loops (held-out prompts, seeds sample.seed + k) for the loop seam's mean
+    c.evaluate = dict(num_samples=40, seeds=3, batch=8, loop_samples=16)
     # model-info's row: latent (t, h, w) to patchify; None = the latent of the sample size
     c.model_info = dict(latent=None)
     return c

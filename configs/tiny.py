@@ -19,5 +19,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                        packing_bins=2)
     c.vae_eval.update(max_videos=3, max_images=3, max_digits=4, batch=2)
     c.sample.update(steps=2)
-    c.evaluate.update(num_samples=2, seeds=2, batch=2)
+    c.evaluate.update(num_samples=2, seeds=2, batch=2, loop_samples=2)
     return c

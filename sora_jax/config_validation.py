@@ -326,6 +326,7 @@ def check_evaluate(cfg: ml_collections.ConfigDict):
     _int(cfg.evaluate, "num_samples", "evaluate", 1)
     _int(cfg.evaluate, "seeds", "evaluate", 1)
     _int(cfg.evaluate, "batch", "evaluate", 1)
+    _int(cfg.evaluate, "loop_samples", "evaluate", 1)
 
 
 def check_model_info(cfg: ml_collections.ConfigDict):

@@ -159,7 +159,8 @@ def test_quickstart_writes_every_metric(trained_run, tmp_path, capsys):
     # prompts x seeds samples (tiny: 2 prompts x 2 seeds)
     assert metrics["num_eval_samples"] == 4
     # the run ends with its one-line summary
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("quickstart: digit ")
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("quickstart: digit ")
     assert metrics["vae_eval_sets"] == {"video": "carphone_pristine", "image": "coffee+flower",
                                         "digits": "moving_mnist_eval"}
     assert 0.0 <= metrics["digit_accuracy"] <= 1.0 and 0.0 <= metrics["direction_accuracy"] <= 1.0
@@ -175,6 +176,12 @@ def test_quickstart_writes_every_metric(trained_run, tmp_path, capsys):
         assert os.path.isfile(m["path"]) and os.path.isfile(os.path.splitext(m["path"])[0] + ".json")
     assert metrics["modes"]["extend-forward"]["conditioned_frames_psnr"] >= 60.0
     assert np.isfinite(metrics["modes"]["loop"]["loop_seam_ratio"])
+    # and the loop seam over evaluate.loop_samples loops (tiny: 2), mean +- SE in the summary
+    loop = metrics["modes"]["loop"]
+    assert loop["loop_seam_samples"] == 2 and np.isfinite(loop["loop_seam_ratio_mean"])
+    assert loop["loop_seam_ratio_se"] >= 0.0
+    assert summary.endswith(f"loop seam ratio {loop['loop_seam_ratio_mean']:.3f}+-"
+                            f"{loop['loop_seam_ratio_se']:.3f} (2 loops) | {metrics['total_seconds']:.0f} s")
     assert os.path.isfile(os.path.join(wd, "modes", "contact_sheet.png"))
 
 

@@ -220,3 +220,23 @@ def test_cli_refuses_filtered_prompts(trained_run, tmp_path, capsys):
                 "--mode", "connect", "--no-progress"])
     assert code == 2  # wrong input count is named
     assert "takes 2 --input" in capsys.readouterr().err
+
+
+def test_loop_seams_average_the_loops_of_heldout_prompts_and_seeds(gen, trained_run):
+    """The quickstart's loop seam is a mean over loops k = 0..n-1, each on held-out prompt
+    k mod P with seed sample.seed + k, with the standard error s / sqrt(n)."""
+    from sora_jax.stages.sampling import heldout_prompts, loop_seams
+
+    cfg = gen.cfg.copy_and_resolve_references()
+    cfg.evaluate.loop_samples = 3
+    cfg.sample.steps = 2
+    out = loop_seams(cfg, trained_run, gen, progress=False)
+    prompts = heldout_prompts(cfg, trained_run, 3)
+    s = cfg.sample
+    ratios = [loop_seam_ratio(run_mode(gen, "loop", prompts[k % len(prompts)], frames=s.frames,
+                                       height=s.height, width=s.width, seed=s.seed + k,
+                                       guidance=s.guidance, steps=2, solver=s.solver).video)
+              for k in range(3)]
+    assert out["loop_seam_samples"] == 3
+    assert out["loop_seam_ratio_mean"] == pytest.approx(np.mean(ratios))
+    assert out["loop_seam_ratio_se"] == pytest.approx(np.std(ratios, ddof=1) / np.sqrt(3))
