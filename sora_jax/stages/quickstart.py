@@ -73,7 +73,8 @@ def _quickstart_report(cfg, workdir, progress, timed, timings, vae, dit) -> dict
         "samples": ev["samples"],
         "modes": {m: {k: v for k, v in r.items() if k in (
             "conditioned_frames_psnr", "decoded_context_psnr", "junction_ratio", "loop_seam_ratio",
-            "loop_seam_ratio_mean", "loop_seam_ratio_se", "loop_seam_samples", "clip_seam_ratio", "input_psnr", "strength", "frames", "path")} for m, r in modes.items()},
+            "loop_seam_ratio_mean", "loop_seam_ratio_se", "loop_seam_samples", "clip_seam_ratio",
+            "input_psnr", "strength", "frames", "path")} for m, r in modes.items()},
         "stage_seconds": timings,
         "total_seconds": round(sum(timings.values()), 1),
         "config": cfg.name,
@@ -89,8 +90,9 @@ def summary_line(metrics: dict[str, Any]) -> str:
     acc = " ".join(f"{name} {metrics[k]:.3f}+-{metrics[k + '_se']:.3f}" for name, k in (
         ("digit", "digit_accuracy"), ("direction", "direction_accuracy"), ("joint", "joint_accuracy")))
     loop = metrics["modes"].get("loop", {})
-    seam = ("-" if "loop_seam_ratio_mean" not in loop else
-            f"{loop['loop_seam_ratio_mean']:.3f}+-{loop['loop_seam_ratio_se']:.3f} ({loop['loop_seam_samples']} loops)")
+    seam = "-" if "loop_seam_ratio_mean" not in loop else (
+        f"{loop['loop_seam_ratio_mean']:.3f}+-{loop['loop_seam_ratio_se']:.3f} "
+        f"({loop['loop_seam_samples']} loops)")
     return (f"quickstart: {acc} ({metrics['num_eval_samples']} samples, {metrics['eval_weights']} "
             f"weights) | VAE PSNR video {metrics['vae_psnr_heldout_video']:.2f} dB, image "
             f"{metrics['vae_psnr_heldout_image']:.2f} dB | loop seam ratio {seam} | "
