@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         depth=4,
         num_heads=4,
         mlp_ratio=4.0,
-        qk_norm=True,
+        qk_norm=True,  # True / "per_head" | "across_heads" (Wan 2.1) | False
         text_dim=384,
         attention_backend="xla",
         # "per_block": adaLN-Zero with a modulation Linear per block (DiT); "single": one shared
@@ -122,6 +122,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # timestep embedding and adaLN modulations computed once per distinct (segment,
         # timestep) of a row, up to this many, then gathered (0: per token; same results)
         condition_groups=32,
+        # Wan 2.1's variants of the same blocks (sora_jax.models.wan_dit sets them on import):
+        # cross-attention without our learned null token, no pooled text in c, the output
+        # head's (shift, scale) from a table + c instead of a Linear, no context-flag embedding
+        text_null_token=True,
+        pooled_text=True,
+        final_modulation="linear",
+        context_flag=True,
     )
     # base_tokens 5: a 9x32x32 clip (48 tokens) trains and samples at shift sqrt(48/5) = 3.1
     # (the cap 3), an image (16 tokens) at 1.8; at shift 1 (base_tokens 48) direction accuracy

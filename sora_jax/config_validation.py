@@ -26,7 +26,7 @@ from sora_jax.errors import ConfigError, StageError
 from sora_jax.inference.generate import WEIGHTS
 from sora_jax.inference.prompts import EXTENDERS, make_filter
 from sora_jax.models.attention import ATTENTION_BACKENDS
-from sora_jax.models.dit import ADALN_KINDS, POS_EMBEDS, REMAT_POLICIES
+from sora_jax.models.dit import ADALN_KINDS, FINAL_MODULATIONS, POS_EMBEDS, QK_NORMS, REMAT_POLICIES
 from sora_jax.models.factory import VAE_KINDS, latent_shape
 from sora_jax.models.text_encoder import BertConfig
 from sora_jax.models.vae_loss import vae_loss_settings
@@ -233,6 +233,13 @@ def check_dit(cfg: ml_collections.ConfigDict):
     _choice(d, "adaln", "dit", ADALN_KINDS)
     _choice(d, "pos_embed", "dit", POS_EMBEDS)
     _choice(d, "remat_policy", "dit", REMAT_POLICIES)
+    _choice(d, "qk_norm", "dit", QK_NORMS)
+    # the Wan 2.1 options (sora_jax.models.wan_dit); run folders saved before them lack the keys
+    if "final_modulation" in d:
+        _choice(d, "final_modulation", "dit", FINAL_MODULATIONS)
+    for name in ("text_null_token", "pooled_text", "context_flag"):
+        if name in d and not isinstance(d[name], bool):
+            raise _bad(f"dit.{name}", f"must be True or False, got {d[name]!r}")
     try:
         jnp.dtype(d.dtype)
     except TypeError:

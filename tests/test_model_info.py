@@ -28,6 +28,12 @@ def test_class_conditional_ladder_matches_the_dit_paper(size):
     dict(hidden_size=96, depth=1, num_heads=2, mlp_ratio=8960 / 1536),
     dict(hidden_size=64, depth=3, num_heads=4, adaln="single"),
     dict(hidden_size=64, depth=2, num_heads=4, num_classes=10, adaln="single"),
+    # Wan 2.1's options (sora_jax.models.wan_dit), each alone and all together
+    dict(hidden_size=48, depth=2, num_heads=4, qk_norm="across_heads"),
+    dict(hidden_size=48, depth=2, num_heads=4, text_null_token=False, pooled_text=False),
+    dict(hidden_size=48, depth=2, num_heads=4, final_modulation="table", context_flag=False),
+    dict(hidden_size=48, depth=2, num_heads=2, adaln="single", qk_norm="across_heads", text_null_token=False,
+         pooled_text=False, final_modulation="table", context_flag=False, rope_axes_dims=(8, 8, 8)),
 ])
 def test_closed_form_parameter_count_is_exact(kw):
     model = nnx.eval_shape(lambda: DiT(in_dim=12, rngs=nnx.Rngs(0), **kw))

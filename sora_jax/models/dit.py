@@ -40,13 +40,48 @@ from sora_jax.models.layers import (MLP, AdaLNModulation, RMSNorm, TimestepEmbed
                                     modulate, rope_cos_sin, sincos_3d)
 
 
+QK_NORMS = (True, False, "per_head", "across_heads")
+
+
+def qk_norm_scope(qk_norm: bool | str) -> str | None:
+    """The QK-norm setting as "per_head" (RMS over each head's features, one (Dh,) scale:
+    Dehghani et al. 2023, Open-Sora 2.0), "across_heads" (RMS over all heads' features at once,
+    one (heads * Dh,) scale: Wan 2.1) or None (off); True means "per_head".
+
+    Raises:
+      ValueError: any other value.
+    """
+    if qk_norm is True or qk_norm == "per_head":
+        return "per_head"
+    if qk_norm is False or qk_norm is None:
+        return None
+    if qk_norm == "across_heads":
+        return "across_heads"
+    raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
+
+
+def _qk_norms(qk_norm: bool | str, hidden_size: int, head_dim: int):
+    scope = qk_norm_scope(qk_norm)
+    if scope is None:
+        return None, None
+    dim = head_dim if scope == "per_head" else hidden_size
+    return RMSNorm(dim), RMSNorm(dim)
+
+
+def _qk_normalize(norm: RMSNorm, x: jax.Array) -> jax.Array:
+    # x (B, L, H, Dh); an across-heads norm sees the heads' features as one vector
+    if norm.scale.shape[0] == x.shape[-1]:
+        return norm(x)
+    return norm(x.reshape(*x.shape[:-2], -1)).reshape(x.shape)
+
+
 class SelfAttention(nnx.Module):
     """Multi-head self-attention with RMS QK-norm and 3D RoPE over packed segments.
 
     Call: x (B, L, hidden), cos/sin (B, L, Dh), segment_ids (B, L) -> (B, L, hidden).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, *, qk_norm: bool = True,
+    def __init__(self, hidden_size: int, num_heads: int, *, qk_norm: bool | str = True,
                  backend: str = "xla", rngs: nnx.Rngs, dtype=None):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} not divisible by num_heads {num_heads}")
@@ -55,15 +90,14 @@ class SelfAttention(nnx.Module):
         self.backend = backend
         self.qkv = dense(hidden_size, 3 * hidden_size, dtype=dtype, rngs=rngs, axes=(EMBED, HEADS))
         self.proj = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs, axes=(HEADS, EMBED))
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.q_norm, self.k_norm = _qk_norms(qk_norm, hidden_size, self.head_dim)
 
     def __call__(self, x, cos, sin, segment_ids):
         b, l, _ = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(b, l, 3 * self.num_heads, self.head_dim), 3,
                             axis=2)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = _qk_normalize(self.q_norm, q), _qk_normalize(self.k_norm, k)
         # RoPE after the norm (as Flux / SD3.5): the norm would otherwise rescale the
         # rotated pairs and the rotation must act on what enters the dot product.
         if cos is not None:  # None: absolute sin-cos positions were added to the input instead
@@ -85,32 +119,34 @@ class CrossAttention(nnx.Module):
     text_segment_ids (B, Lt) -> (B, L, hidden).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, *, qk_norm: bool = True,
-                 backend: str = "xla", rngs: nnx.Rngs, dtype=None):
+    def __init__(self, hidden_size: int, num_heads: int, *, qk_norm: bool | str = True,
+                 null_token: bool = True, backend: str = "xla", rngs: nnx.Rngs, dtype=None):
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.backend = backend
         self.q = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs, axes=(EMBED, HEADS))
         self.kv = dense(hidden_size, 2 * hidden_size, dtype=dtype, rngs=rngs, axes=(EMBED, HEADS))
         self.proj = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs, axes=(HEADS, EMBED))
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.q_norm, self.k_norm = _qk_norms(qk_norm, hidden_size, self.head_dim)
         self.null_token = nnx.Param(
-            partitioned(nnx.initializers.normal(0.02), (NORM,))(rngs.params(), (hidden_size,), jnp.float32))
+            partitioned(nnx.initializers.normal(0.02), (NORM,))(rngs.params(), (hidden_size,), jnp.float32)
+        ) if null_token else None
 
     def __call__(self, x, text, segment_ids, text_segment_ids):
         b, l, _ = x.shape
-        null = jnp.broadcast_to(self.null_token[...].astype(text.dtype), (b, 1, text.shape[-1]))
-        ctx = jnp.concatenate([null, text], axis=1)  # (B, 1 + Lt, hidden)
+        if self.null_token is not None:
+            null = jnp.broadcast_to(self.null_token[...].astype(text.dtype), (b, 1, text.shape[-1]))
+            ctx = jnp.concatenate([null, text], axis=1)  # (B, 1 + Lt, hidden)
+            kv_seg = jnp.concatenate([jnp.zeros((b, 1), text_segment_ids.dtype), text_segment_ids], axis=1)
+            always = jnp.zeros((b, ctx.shape[1]), bool).at[:, 0].set(True)
+        else:  # Wan 2.1: every query's segment must have text (the empty prompt's, for CFG)
+            ctx, kv_seg, always = text, text_segment_ids, None
         lk = ctx.shape[1]
         q = self.q(x).reshape(b, l, self.num_heads, self.head_dim)
         k, v = jnp.split(self.kv(ctx).reshape(b, lk, 2 * self.num_heads, self.head_dim), 2,
                          axis=2)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        kv_seg = jnp.concatenate(
-            [jnp.zeros((b, 1), text_segment_ids.dtype), text_segment_ids], axis=1)
-        always = jnp.zeros((b, lk), bool).at[:, 0].set(True)
+            q, k = _qk_normalize(self.q_norm, q), _qk_normalize(self.k_norm, k)
         o = context_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
                               kv_always_visible=always, gather_kv=False, backend=self.backend)
         return self.proj(o.reshape(b, l, -1))
@@ -132,15 +168,17 @@ class DiTBlock(nnx.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, mlp_ratio: float = 4.0,
-                 qk_norm: bool = True, cross_attention: bool = True, backend: str = "xla",
-                 shared_adaln: bool = False, rngs: nnx.Rngs, dtype=None):
+                 qk_norm: bool | str = True, cross_attention: bool = True, backend: str = "xla",
+                 shared_adaln: bool = False, text_null_token: bool = True, rngs: nnx.Rngs,
+                 dtype=None):
         self.norm1 = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
         self.attn = SelfAttention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend,
                                   rngs=rngs, dtype=dtype)
         if cross_attention:  # off in the class-conditional DiT of Peebles & Xie
             self.norm_cross = layer_norm(hidden_size, affine=True, rngs=rngs, dtype=dtype)
             self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm,
-                                             backend=backend, rngs=rngs, dtype=dtype)
+                                             null_token=text_null_token, backend=backend,
+                                             rngs=rngs, dtype=dtype)
         else:
             self.norm_cross = self.cross_attn = None
         self.norm2 = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
@@ -192,19 +230,42 @@ REMAT_POLICIES = {
 }
 
 
+FINAL_MODULATIONS = ("linear", "table")
+
+
 class FinalLayer(nnx.Module):
     """adaLN (shift, scale) then Linear(hidden -> out_dim); both zero-initialised, so a
-    fresh model predicts exactly 0 (DiT)."""
+    fresh model predicts exactly 0 (DiT).
 
-    def __init__(self, hidden_size: int, out_dim: int, *, rngs: nnx.Rngs, dtype=None):
+    ``modulation="linear"``: (shift, scale) = Linear_zero(SiLU(c)) (DiT). ``"table"``:
+    (shift, scale) = a learned (2, hidden) table + c, with no Linear (Wan 2.1's output head,
+    whose c is the timestep embedding).
+    """
+
+    def __init__(self, hidden_size: int, out_dim: int, *, modulation: str = "linear",
+                 rngs: nnx.Rngs, dtype=None):
+        if modulation not in FINAL_MODULATIONS:
+            raise ValueError(f"final modulation must be one of {FINAL_MODULATIONS}, got {modulation!r}")
         self.norm = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
-        self.adaln = AdaLNModulation(hidden_size, hidden_size, 2, rngs=rngs, dtype=dtype)
+        if modulation == "linear":
+            self.adaln = AdaLNModulation(hidden_size, hidden_size, 2, rngs=rngs, dtype=dtype)
+            self.table = None
+        else:
+            self.adaln = None
+            self.table = nnx.Param(
+                partitioned(nnx.initializers.zeros, (None, NORM))(rngs.params(), (2, hidden_size), jnp.float32))
         self.linear = dense(hidden_size, out_dim, zero=True, dtype=dtype, rngs=rngs,
                             axes=(EMBED, IN_FEATURES))
 
+    def _project(self, c):
+        if self.adaln is not None:
+            return self.adaln.project(c)
+        # rows (shift, scale) of the table, each plus c: (..., 2 * hidden) like the Linear's
+        return jnp.concatenate([c, c], axis=-1) + self.table[...].reshape(-1).astype(c.dtype)
+
     def __call__(self, x, c):
         """x (B, L, hidden); c (B, L, hidden) or a GroupedConditioning -> (B, L, out_dim)."""
-        mod = c.apply(self.adaln.project) if isinstance(c, GroupedConditioning) else self.adaln.project(c)
+        mod = c.apply(self._project) if isinstance(c, GroupedConditioning) else self._project(c)
         shift, scale = jnp.split(mod, 2, axis=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
@@ -267,7 +328,29 @@ class DiT(nnx.Module):
         once per distinct (segment, timestep, label) of a row, up to K of them, and gathered
         to the tokens (:mod:`sora_jax.models.condition_groups`; a row with more falls back to
         per token, exactly); 0: per token. Same parameters and results either way.
+      qk_norm: True / "per_head" (one RMS norm per head), "across_heads" (one RMS norm over
+        all heads' features, Wan 2.1's ``rms_norm_across_heads``) or False.
+      text_null_token: cross-attention sees a learned null token besides the segment's text
+        (our default: a segment without text, the CFG unconditional branch, has a defined
+        state). False (Wan 2.1): cross-attention sees the segment's text tokens only, so every
+        segment needs text, e.g. the encoded empty or negative prompt.
+      pooled_text: add Linear(mean of the segment's text states) to c (our default); False
+        (Wan 2.1): c is the timestep embedding alone.
+      final_modulation: the output head's (shift, scale): "linear" (Linear_zero(SiLU(c)), DiT)
+        or "table" (a learned (2, h) table + c, Wan 2.1).
+      context_flag: a learned embedding added to clean context tokens (``cond_mask``; our
+        image / video prompts). False: none (Wan 2.1, whose I2V conditions otherwise); context
+        tokens are then told apart by their t = 0 alone.
       rngs: NNX random streams.
+
+    Wan 2.1's transformer (diffusers ``WanTransformer3DModel``) is this class with
+    ``adaln="single"``, ``qk_norm="across_heads"``, ``text_null_token=False``,
+    ``pooled_text=False``, ``final_modulation="table"``, its RoPE split
+    (``rope_axes_dims`` = d - 4(d // 6), 2(d // 6), 2(d // 6)) and text_dim 4096. Its RoPE
+    rotates interleaved pairs where ours rotates halves; the two are the same function up to a
+    fixed permutation of each head's query / key features, which the weight import applies
+    (:mod:`sora_jax.models.wan_dit`), so no separate RoPE is needed. Wan has no context flag
+    (``context_flag=False``).
 
     Text conditioning: text states are mapped to model width by an MLP (PixArt-alpha's
     caption projection) for cross-attention, and, as a cheap global signal, the mean of the
@@ -286,7 +369,9 @@ class DiT(nnx.Module):
                  attention_backend: str = "xla", remat: bool = False, dtype=None,
                  num_classes: int = 0, pos_embed: str = "rope", scan_layers: bool = False,
                  remat_policy: str = "nothing_saveable", adaln: str = "per_block",
-                 condition_groups: int = DEFAULT_MAX_GROUPS, rngs: nnx.Rngs):
+                 condition_groups: int = DEFAULT_MAX_GROUPS, text_null_token: bool = True,
+                 pooled_text: bool = True, final_modulation: str = "linear", context_flag: bool = True,
+                 rngs: nnx.Rngs):
         if condition_groups < 0:
             raise ValueError(f"condition_groups must be >= 0, got {condition_groups}")
         if adaln not in ADALN_KINDS:
@@ -299,6 +384,7 @@ class DiT(nnx.Module):
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} not divisible by num_heads {num_heads}")
+        qk_norm_scope(qk_norm)  # raises on an unknown setting
         head_dim = hidden_size // num_heads
         axes = tuple(rope_axes_dims) if rope_axes_dims is not None else default_rope_axes_dims(head_dim)
         if len(axes) != 3 or sum(axes) != head_dim or any(a % 2 for a in axes):
@@ -314,7 +400,8 @@ class DiT(nnx.Module):
         # Added to the embedding of clean context tokens (sora_jax.diffusion.conditioning): t = 0
         # alone would not tell a given frame from a fully denoised guess of the model's own.
         self.cond_embed = nnx.Param(
-            partitioned(nnx.initializers.normal(0.02), (NORM,))(rngs.params(), (hidden_size,), jnp.float32))
+            partitioned(nnx.initializers.normal(0.02), (NORM,))(rngs.params(), (hidden_size,), jnp.float32)
+        ) if context_flag else None
         self.t_embed = TimestepEmbedder(hidden_size, rngs=rngs, dtype=dtype)
         if num_classes:
             self.label_embed = nnx.Embed(
@@ -326,11 +413,12 @@ class DiT(nnx.Module):
             self.text_embed = MLP(text_dim, hidden_size, out_dim=hidden_size, rngs=rngs,
                                   dtype=dtype, in_axis=IN_FEATURES)
             self.pooled_text_embed = dense(text_dim, hidden_size, dtype=dtype, rngs=rngs,
-                                           axes=(IN_FEATURES, EMBED))
+                                           axes=(IN_FEATURES, EMBED)) if pooled_text else None
         def make_block(rngs):
             return DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm,
                             cross_attention=not num_classes, backend=attention_backend,
-                            shared_adaln=adaln == "single", rngs=rngs, dtype=dtype)
+                            shared_adaln=adaln == "single", text_null_token=text_null_token,
+                            rngs=rngs, dtype=dtype)
 
         # adaLN-single: the one Linear every block's modulation comes from (zero: gates start at 0)
         self.t_modulation = (dense(hidden_size, 6 * hidden_size, zero=True, dtype=dtype, rngs=rngs,
@@ -345,7 +433,7 @@ class DiT(nnx.Module):
                 transform_metadata={nnx.PARTITION_NAME: LAYERS}))(rngs)
         else:
             self.blocks = nnx.List([make_block(rngs) for _ in range(depth)])
-        self.final = FinalLayer(hidden_size, in_dim, rngs=rngs, dtype=dtype)
+        self.final = FinalLayer(hidden_size, in_dim, modulation=final_modulation, rngs=rngs, dtype=dtype)
 
     @classmethod
     def from_config(cls, cfg: Any, in_dim: int, rngs: nnx.Rngs) -> "DiT":
@@ -357,7 +445,9 @@ class DiT(nnx.Module):
         adaln, dtype (compute dtype of the matmuls, e.g. "bfloat16"; parameters and optimizer
         state stay float32: mixed precision with fp32 master weights); condition_groups is
         optional (default :data:`~sora_jax.models.condition_groups.DEFAULT_MAX_GROUPS`; it
-        changes no parameter, so configs saved before it existed still build).
+        changes no parameter, so configs saved before it existed still build); so are
+        text_null_token, pooled_text, context_flag (default True) and final_modulation
+        (default "linear"), which configs saved before the Wan options lack.
 
         Raises:
           KeyError: a field is missing.
@@ -372,6 +462,10 @@ class DiT(nnx.Module):
                    pos_embed=cfg["pos_embed"], scan_layers=cfg["scan_layers"],
                    remat_policy=cfg["remat_policy"], adaln=cfg["adaln"],
                    condition_groups=cfg.get("condition_groups", DEFAULT_MAX_GROUPS),
+                   text_null_token=cfg.get("text_null_token", True),
+                   pooled_text=cfg.get("pooled_text", True),
+                   final_modulation=cfg.get("final_modulation", "linear"),
+                   context_flag=cfg.get("context_flag", True),
                    dtype=jnp.dtype(cfg["dtype"]), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
@@ -401,7 +495,7 @@ class DiT(nnx.Module):
           that carry no meaning.
         """
         x = self.x_embed(tokens)
-        if cond_mask is not None:
+        if cond_mask is not None and self.cond_embed is not None:
             x = x + cond_mask[..., None].astype(x.dtype) * self.cond_embed[...].astype(x.dtype)
         if self.num_classes:
             if labels is None:
@@ -413,6 +507,8 @@ class DiT(nnx.Module):
             c = self.t_embed(t)
             if self.num_classes:
                 return c + self.label_embed(lab)
+            if self.pooled_text_embed is None:
+                return c
             return c + self.pooled_text_embed(segment_mean_text(text, seg, text_segment_ids))
 
         c = GroupedConditioning(embed, segment_ids, timesteps, labels if self.num_classes else None,
@@ -456,31 +552,38 @@ def dit_param_count(model: nnx.Module) -> int:
 
 
 def dit_param_count_analytic(*, in_dim: int, hidden_size: int, depth: int, num_heads: int,
-                             mlp_ratio: float = 4.0, text_dim: int = 384, qk_norm: bool = True,
-                             num_classes: int = 0, adaln: str = "per_block", **_unused) -> int:
+                             mlp_ratio: float = 4.0, text_dim: int = 384, qk_norm: bool | str = True,
+                             num_classes: int = 0, adaln: str = "per_block", text_null_token: bool = True,
+                             pooled_text: bool = True, final_modulation: str = "linear",
+                             context_flag: bool = True, **_unused) -> int:
     """Parameters of :class:`DiT` in closed form (equals :func:`dit_param_count` exactly).
 
     Per block: self-attention qkv + out (4h^2 + 4h), MLP (2hm + m + h), adaLN-Zero
-    (6h^2 + 6h), QK-norm scales (2 h/heads), and for text models cross-attention (4h^2 + 4h,
-    a null token h, a LayerNorm 2h, QK-norm 2 h/heads). Outside: patch embedding, context
-    flag h, timestep MLP (256h + h^2 + 2h), final adaLN (2h^2 + 2h) and linear, plus the text
-    projections (text models) or the (num_classes + 1) x h label table (class models).
-    ``adaln="single"``: per block a (6, h) table instead of the adaLN Linear, and one shared
-    Linear (6h^2 + 6h).
+    (6h^2 + 6h), QK-norm scales (2 h/heads per head, 2h across heads), and for text models
+    cross-attention (4h^2 + 4h, a null token h, a LayerNorm 2h, QK-norm as above). Outside: patch
+    embedding, context flag h, timestep MLP (256h + h^2 + 2h), final adaLN (2h^2 + 2h; a (2, h)
+    table with ``final_modulation="table"``) and linear, plus the text projections (text models:
+    the caption MLP, and the pooled-text Linear) or the (num_classes + 1) x h label table (class
+    models). ``adaln="single"``: per block a (6, h) table instead of the adaLN Linear, and one
+    shared Linear (6h^2 + 6h). ``text_null_token`` / ``pooled_text`` / ``context_flag`` False
+    drop those parameters (Wan 2.1).
     """
     h, m, hd = hidden_size, mlp_width(hidden_size, mlp_ratio), hidden_size // num_heads
-    norm = 2 * hd if qk_norm else 0
+    scope = qk_norm_scope(qk_norm)
+    norm = 0 if scope is None else 2 * (hd if scope == "per_head" else h)
     modulation = 6 * h if adaln == "single" else 6 * h * h + 6 * h
     block = 4 * h * h + 4 * h + 2 * h * m + m + h + modulation + norm
     if not num_classes:
-        block += 4 * h * h + 4 * h + h + 2 * h + norm
-    outer = in_dim * h + h + h + (256 * h + h + h * h + h) + (2 * h * h + 2 * h) + (h * in_dim + in_dim)
+        block += 4 * h * h + 4 * h + (h if text_null_token else 0) + 2 * h + norm
+    final = 2 * h if final_modulation == "table" else 2 * h * h + 2 * h
+    outer = (in_dim * h + h + (h if context_flag else 0) + (256 * h + h + h * h + h) + final
+             + (h * in_dim + in_dim))
     if adaln == "single":
         outer += 6 * h * h + 6 * h
     if num_classes:
         outer += (num_classes + 1) * h
     else:
-        outer += (text_dim * h + h + h * h + h) + (text_dim * h + h)
+        outer += (text_dim * h + h + h * h + h) + ((text_dim * h + h) if pooled_text else 0)
     return int(depth * block + outer)
 
 

@@ -88,8 +88,9 @@ def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False,
     params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
     kw = {k: d[k] for k in ("hidden_size", "depth", "num_heads")}
     kw.update(mlp_ratio=d.mlp_ratio, text_dim=d.text_dim, adaln=d.adaln)
+    wan_options = {k: d[k] for k in ("text_null_token", "pooled_text", "final_modulation", "context_flag") if k in d}
     analytic = dit_param_count_analytic(in_dim=in_dim, qk_norm=d.qk_norm,
-                                        num_classes=d.num_classes, **kw)
+                                        num_classes=d.num_classes, **kw, **wan_options)
     kw.pop("num_heads")
     flops_kw = dict(in_dim=in_dim, seq_len=seq_len, text_len=text_len,
                     cross_attention=not d.num_classes, **kw)

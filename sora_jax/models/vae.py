@@ -642,7 +642,53 @@ def _run_block(
     return _remat_call_block(block, x) if remat else block(x)
 
 
-class CausalVAE(nnx.Module):
+class CausalVideoGeometry:
+    """Shape rules of a causal video autoencoder (frame 0 coded alone, then ``temporal_downsample``
+    frames per latent frame; ``spatial_downsample`` pixels per latent pixel), shared by
+    :class:`CausalVAE` and :class:`sora_jax.models.wan_vae.WanVAE`. Needs the attributes
+    ``temporal_downsample``, ``spatial_downsample`` and ``latent_channels``.
+    """
+
+    def latent_shape(self, T: int, H: int, W: int) -> tuple[int, int, int, int]:
+        """(t, h, w, c) of the latents of a T x H x W video.
+
+        Raises:
+          ValueError: if T is not 1 + temporal_downsample * k (k >= 0) or H, W are not positive
+            multiples of spatial_downsample.
+        """
+        self._check_video_dims(T, H, W, what=f"video of shape (T, H, W) = ({T}, {H}, {W})")
+        return (
+            (T - 1) // self.temporal_downsample + 1,
+            H // self.spatial_downsample,
+            W // self.spatial_downsample,
+            self.latent_channels,
+        )
+
+    def video_frames(self, t: int) -> int:
+        """Video frames T = 1 + temporal_downsample * (t - 1) decoded from t latent frames.
+
+        Raises:
+          ValueError: if t < 1.
+        """
+        if not isinstance(t, int) or t < 1:
+            raise ValueError(f"latent frame count must be an int >= 1, got {t!r}")
+        return 1 + self.temporal_downsample * (t - 1)
+
+    def _check_video_dims(self, T: int, H: int, W: int, *, what: str) -> None:
+        td, sd = self.temporal_downsample, self.spatial_downsample
+        if T < 1 or (T - 1) % td != 0:
+            ok = ", ".join(str(1 + td * k) for k in range(4))
+            raise ValueError(
+                f"{what}: T={T} frames is not of the form 1 + {td}*k; accepted T: {ok}, ..."
+            )
+        if H < sd or W < sd or H % sd or W % sd:
+            raise ValueError(
+                f"{what}: H={H} and W={W} must be positive multiples of spatial_downsample={sd} "
+                f"(e.g. {H // sd * sd or sd} x {W // sd * sd or sd})"
+            )
+
+
+class CausalVAE(CausalVideoGeometry, nnx.Module):
     """Causal spacetime VAE (MAGVIT-v2-style causal 3D conv VAE; Sora's video compressor).
 
     Maps video (B, T, H, W, in_channels) float32 in [-1, 1] with T = 1 + temporal_downsample * k
@@ -752,46 +798,6 @@ class CausalVAE(nnx.Module):
             out.kernel[...] = out.kernel[...].at[..., :latent_channels].set(0.0)
             out.bias[...] = out.bias[...].at[:latent_channels].set(0.0)
             self.decoder.conv_out.kernel[...] = jnp.zeros_like(self.decoder.conv_out.kernel[...])
-
-    # ---- shape helpers (no parameters touched) ----
-
-    def latent_shape(self, T: int, H: int, W: int) -> tuple[int, int, int, int]:
-        """(t, h, w, c) of the latents of a T x H x W video.
-
-        Raises:
-          ValueError: if T is not 1 + temporal_downsample * k (k >= 0) or H, W are not positive
-            multiples of spatial_downsample.
-        """
-        self._check_video_dims(T, H, W, what=f"video of shape (T, H, W) = ({T}, {H}, {W})")
-        return (
-            (T - 1) // self.temporal_downsample + 1,
-            H // self.spatial_downsample,
-            W // self.spatial_downsample,
-            self.latent_channels,
-        )
-
-    def video_frames(self, t: int) -> int:
-        """Video frames T = 1 + temporal_downsample * (t - 1) decoded from t latent frames.
-
-        Raises:
-          ValueError: if t < 1.
-        """
-        if not isinstance(t, int) or t < 1:
-            raise ValueError(f"latent frame count must be an int >= 1, got {t!r}")
-        return 1 + self.temporal_downsample * (t - 1)
-
-    def _check_video_dims(self, T: int, H: int, W: int, *, what: str) -> None:
-        td, sd = self.temporal_downsample, self.spatial_downsample
-        if T < 1 or (T - 1) % td != 0:
-            ok = ", ".join(str(1 + td * k) for k in range(4))
-            raise ValueError(
-                f"{what}: T={T} frames is not of the form 1 + {td}*k; accepted T: {ok}, ..."
-            )
-        if H < sd or W < sd or H % sd or W % sd:
-            raise ValueError(
-                f"{what}: H={H} and W={W} must be positive multiples of spatial_downsample={sd} "
-                f"(e.g. {H // sd * sd or sd} x {W // sd * sd or sd})"
-            )
 
     # ---- model ----
 

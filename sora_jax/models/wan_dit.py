@@ -1,0 +1,192 @@
+"""Wan 2.1's transformer (diffusers ``WanTransformer3DModel``) as our :class:`~sora_jax.models.dit.DiT`:
+the config translation and the key map from its checkpoint to our parameters.
+
+Wan 2.1 (Wan Team 2025, "Wan: Open and Advanced Large-Scale Video Generative Models") is a
+DiT with adaLN-single (one shared ``time_proj`` plus a (6, D) ``scale_shift_table`` per block),
+RMS QK-norm across all heads, an affine LayerNorm before an ungated cross-attention to umT5
+states (no null token), no pooled text, an output head modulated by its own (2, D) table plus
+the timestep embedding, and 3D RoPE on interleaved feature pairs with the head dimension split
+t / h / w = d - 4(d // 6), 2(d // 6), 2(d // 6). :class:`DiT` has each of these as an option
+(see its docstring); :func:`dit_fields` sets them from a diffusers ``config.json``.
+
+RoPE: Wan rotates pairs (2i, 2i + 1) of each head's features by angle i; our
+:func:`~sora_jax.models.layers.apply_rope` rotates (i, i + d/2) by angle i, with the same
+per-axis angle list. Reordering each head's query and key features as (0, 2, 4, ..., 1, 3,
+5, ...) turns one into the other, and attention scores q.k are unchanged by a permutation
+applied to both q and k; the across-heads RMS norm is permutation-equivariant once its scale
+is permuted too. The key map applies that permutation to to_q / to_k (weights and biases) and
+norm_q / norm_k of the self-attention; cross-attention has no RoPE and is copied as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from sora_jax.models import weight_map as wm
+
+__all__ = [
+    "WAN_QK_NORM",
+    "dit_fields",
+    "rope_pair_permutation",
+    "wan_rope_axes_dims",
+    "wan_transformer_key_map",
+]
+
+WAN_QK_NORM = "rms_norm_across_heads"
+
+
+def wan_rope_axes_dims(head_dim: int) -> tuple[int, int, int]:
+    """Wan 2.1's split of the head dimension over (t, h, w): d - 4(d // 6), 2(d // 6), 2(d // 6)
+    (diffusers ``WanRotaryPosEmbed``); 128 -> (44, 42, 42)."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_pair_permutation(num_heads: int, head_dim: int) -> np.ndarray:
+    """Indices p (num_heads * head_dim,) with ours[..., k] = wan[..., p[k]]: within each head the
+    even features, then the odd ones (interleaved pairs -> rotate-half pairs)."""
+    within = np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+    return (np.arange(num_heads)[:, None] * head_dim + within[None, :]).reshape(-1)
+
+
+def dit_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Our ``dit`` config fields (and ``patch``, ``latent_channels``) for a diffusers
+    ``WanTransformer3DModel`` ``config.json``.
+
+    Returns:
+      dict with ``dit`` (the fields of our ``dit`` config section) and ``latent_channels``.
+
+    Raises:
+      ValueError: a setting our DiT cannot express (in != out channels, a QK-norm other than
+        across heads, no cross-attention norm, a timestep width other than 256, an epsilon
+        other than 1e-6, the image-conditioning extras of the I2V / FLF2V models), naming it.
+    """
+    c = dict(config)
+    problems = []
+    heads, head_dim = int(c["num_attention_heads"]), int(c["attention_head_dim"])
+    hidden = heads * head_dim
+    in_ch, out_ch = int(c["in_channels"]), int(c.get("out_channels") or c["in_channels"])
+    if in_ch != out_ch:
+        problems.append(f"in_channels {in_ch} != out_channels {out_ch} (our DiT predicts its input width)")
+    if c.get("qk_norm", WAN_QK_NORM) != WAN_QK_NORM:
+        problems.append(f"qk_norm {c.get('qk_norm')!r} (only {WAN_QK_NORM!r})")
+    if not c.get("cross_attn_norm", True):
+        problems.append("cross_attn_norm False (our cross-attention always has its LayerNorm)")
+    if int(c.get("freq_dim", 256)) != 256:
+        problems.append(f"freq_dim {c.get('freq_dim')} (our timestep embedding is 256 wide)")
+    if abs(float(c.get("eps", 1e-6)) - 1e-6) > 1e-12:
+        problems.append(f"eps {c.get('eps')} (our norms use 1e-6)")
+    for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+        if c.get(key) is not None:
+            problems.append(f"{key}={c[key]}: the image-conditioning branch of Wan's I2V / FLF2V "
+                            "models is not implemented here yet")
+    if problems:
+        raise ValueError("this Wan transformer config cannot be expressed by our DiT: " + "; ".join(problems))
+    patch = tuple(int(p) for p in c["patch_size"])
+    dit = dict(
+        patch=patch, hidden_size=hidden, depth=int(c["num_layers"]), num_heads=heads,
+        mlp_ratio=int(c["ffn_dim"]) / hidden, qk_norm="across_heads", text_dim=int(c["text_dim"]),
+        adaln="single", rope_axes_dims=wan_rope_axes_dims(head_dim), rope_theta=10000.0,
+        pos_embed="rope", num_classes=0, text_null_token=False, pooled_text=False,
+        final_modulation="table", context_flag=False,
+    )
+    return dict(dit=dit, latent_channels=in_ch)
+
+
+def _permuted_converters(perm: np.ndarray):
+    """(qkv kernel, qkv bias, norm scale) conversions that reorder q / k features by ``perm``."""
+    def qkv_kernel(arrays: Sequence[np.ndarray]) -> np.ndarray:
+        q, k, v = (np.asarray(a) for a in arrays)
+        return wm.fused_linear_kernel([q[perm], k[perm], v])
+
+    def qkv_bias(arrays: Sequence[np.ndarray]) -> np.ndarray:
+        q, k, v = (np.asarray(a) for a in arrays)
+        return wm.fused_linear_bias([q[perm], k[perm], v])
+
+    def norm_scale(arrays: Sequence[np.ndarray]) -> np.ndarray:
+        (w,) = arrays
+        return np.asarray(w)[perm]
+
+    return (wm.register_shape(lambda s: (s[0][1], s[0][0] + s[1][0] + s[2][0]))(qkv_kernel),
+            wm.register_shape(lambda s: (s[0][0] + s[1][0] + s[2][0],))(qkv_bias),
+            wm.register_shape(lambda s: s[0])(norm_scale))
+
+
+def _self_attention_targets(prefix: str, ours: tuple, converters) -> list[wm.Target]:
+    qkv_kernel, qkv_bias, norm_scale = converters
+    a = f"{prefix}.attn1"
+    return [
+        wm.Target((*ours, "attn", "qkv", "kernel"), (f"{a}.to_q.weight", f"{a}.to_k.weight", f"{a}.to_v.weight"),
+                  qkv_kernel),
+        wm.Target((*ours, "attn", "qkv", "bias"), (f"{a}.to_q.bias", f"{a}.to_k.bias", f"{a}.to_v.bias"), qkv_bias),
+        wm.Target((*ours, "attn", "q_norm", "scale"), (f"{a}.norm_q.weight",), norm_scale),
+        wm.Target((*ours, "attn", "k_norm", "scale"), (f"{a}.norm_k.weight",), norm_scale),
+        wm.Target((*ours, "attn", "proj", "kernel"), (f"{a}.to_out.0.weight",), wm.linear_kernel),
+        wm.Target((*ours, "attn", "proj", "bias"), (f"{a}.to_out.0.bias",), wm.copy),
+    ]
+
+
+def _linear(path: tuple, key: str) -> list[wm.Target]:
+    return [wm.Target((*path, "kernel"), (f"{key}.weight",), wm.linear_kernel),
+            wm.Target((*path, "bias"), (f"{key}.bias",), wm.copy)]
+
+
+def _table(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    (t,) = arrays  # (1, n, D) -> (n, D)
+    t = np.asarray(t)
+    return t.reshape(t.shape[-2], t.shape[-1])
+
+
+wm.register_shape(lambda s: (s[0][-2], s[0][-1]))(_table)
+
+
+def wan_transformer_key_map(dit: Mapping[str, Any]) -> list[wm.Target]:
+    """The key map from a diffusers ``WanTransformer3DModel`` checkpoint to our DiT built with
+    ``dit`` (the fields :func:`dit_fields` returns; blocks unrolled, ``scan_layers`` False).
+
+    Returns:
+      one :class:`~sora_jax.models.weight_map.Target` per parameter of ours.
+
+    Raises:
+      ValueError: ``dit`` is not a Wan-shaped config (see :func:`dit_fields`).
+    """
+    if dit.get("scan_layers"):
+        raise ValueError("the Wan key map targets unrolled blocks: build the DiT with scan_layers=False")
+    for key, want in (("adaln", "single"), ("qk_norm", "across_heads"), ("text_null_token", False),
+                      ("pooled_text", False), ("final_modulation", "table"), ("context_flag", False)):
+        if dit.get(key) != want:
+            raise ValueError(f"not a Wan-shaped DiT config: dit.{key} is {dit.get(key)!r}, Wan needs {want!r}")
+    heads, hidden = int(dit["num_heads"]), int(dit["hidden_size"])
+    converters = _permuted_converters(rope_pair_permutation(heads, hidden // heads))
+    t = [
+        wm.Target(("x_embed", "kernel"), ("patch_embedding.weight",), wm.patch_kernel),
+        wm.Target(("x_embed", "bias"), ("patch_embedding.bias",), wm.copy),
+        *_linear(("t_embed", "fc1"), "condition_embedder.time_embedder.linear_1"),
+        *_linear(("t_embed", "fc2"), "condition_embedder.time_embedder.linear_2"),
+        *_linear(("t_modulation",), "condition_embedder.time_proj"),
+        *_linear(("text_embed", "fc1"), "condition_embedder.text_embedder.linear_1"),
+        *_linear(("text_embed", "fc2"), "condition_embedder.text_embedder.linear_2"),
+        wm.Target(("final", "table"), ("scale_shift_table",), _table),
+        *_linear(("final", "linear"), "proj_out"),
+    ]
+    for i in range(int(dit["depth"])):
+        b, ours = f"blocks.{i}", ("blocks", i)
+        t += _self_attention_targets(b, ours, converters)
+        t += [
+            wm.Target((*ours, "modulation"), (f"{b}.scale_shift_table",), _table),
+            wm.Target((*ours, "norm_cross", "scale"), (f"{b}.norm2.weight",), wm.copy),
+            wm.Target((*ours, "norm_cross", "bias"), (f"{b}.norm2.bias",), wm.copy),
+            *_linear((*ours, "cross_attn", "q"), f"{b}.attn2.to_q"),
+            wm.Target((*ours, "cross_attn", "kv", "kernel"), (f"{b}.attn2.to_k.weight", f"{b}.attn2.to_v.weight"),
+                      wm.fused_linear_kernel),
+            wm.Target((*ours, "cross_attn", "kv", "bias"), (f"{b}.attn2.to_k.bias", f"{b}.attn2.to_v.bias"),
+                      wm.fused_linear_bias),
+            wm.Target((*ours, "cross_attn", "q_norm", "scale"), (f"{b}.attn2.norm_q.weight",), wm.copy),
+            wm.Target((*ours, "cross_attn", "k_norm", "scale"), (f"{b}.attn2.norm_k.weight",), wm.copy),
+            *_linear((*ours, "cross_attn", "proj"), f"{b}.attn2.to_out.0"),
+            *_linear((*ours, "mlp", "fc1"), f"{b}.ffn.net.0.proj"),
+            *_linear((*ours, "mlp", "fc2"), f"{b}.ffn.net.2"),
+        ]
+    return t
