@@ -90,7 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # length), tile / overlap = spatial tiles in pixels. The quickstart's clips are short.
     c.vae_inference = dict(chunk=0, tile=0, overlap=0)
 
-    c.text = dict(max_length=16)  # text tokens per caption fed to cross-attention
+    # text tokens per caption fed to cross-attention; encoder: "minilm" (all-MiniLM-L6-v2, from its
+    # wheel) or "umt5" (Wan 2.1's umT5-XXL, imported into the run folder: configs/wan2_1.py)
+    c.text = dict(encoder="minilm", max_length=16)
 
     # DiT training's device mesh (sora_jax.parallel): every device on "data" by default, so the
     # same command runs on one CPU, on 8 simulated devices and on several processes; e.g.

@@ -1,7 +1,7 @@
 """``sora-jax``: the command line.
 
 Subcommands: prepare-data, train-vae, evaluate-vae, train-dit, generate, evaluate, quickstart,
-model-info, aot-compile (each runs one function of :mod:`sora_jax.stages`).
+model-info, aot-compile, import-weights (each runs one function of :mod:`sora_jax.stages`).
 Every subcommand takes ``--config path/to/config.py[:arg]`` or a packaged config's name
 (``--config dit_ladder:B``; default: ``quickstart``), ``--workdir DIR`` and any number of
 ``--config.a.b=value`` overrides. The config is checked in full before anything runs or is
@@ -112,6 +112,12 @@ def _parser(tools) -> argparse.ArgumentParser:
     mi.add_argument("--json", action="store_true", help="print JSON only (the default output too)")
     mi.add_argument("--xla", action="store_true",
                     help="cross-check FLOPs with XLA's cost analysis (compiles the forward pass)")
+    iw = add("import-weights", "released weights into a new run folder: a diffusers Wan 2.1 T2V folder "
+                               "(transformer, vae, text_encoder, tokenizer); --config is the base for the "
+                               "run's other sections (default: wan2_1)")
+    iw.add_argument("--from", dest="source", nargs=2, required=True, metavar=("FORMAT", "DIR"),
+                    help="the checkpoint's format and folder: diffusers DIR")
+    iw.add_argument("--dtype", default="float32", help="parameters' dtype in the checkpoints: float32 or bfloat16")
     for name, ep in tools.items():  # listed for --help; run() hands them their argv
         sub.add_parser(name, help=f"see `sora-jax {name} --help` ({ep.value})", add_help=False)
     return p
@@ -176,7 +182,9 @@ def run(argv: list[str] | None = None) -> int:
         # An existing run continues with its saved config (so data and architecture match)
         # unless --config is given; then the overrides and generate's flags (in memory only:
         # generate never writes the run's config); all checked before any stage runs.
-        if args.config is None and args.workdir and os.path.isfile(paths(args.workdir)["config"]):
+        if args.command == "import-weights":  # a new run folder: its config comes from the checkpoint
+            cfg = config_lib.load_config(args.config or "wan2_1")
+        elif args.config is None and args.workdir and os.path.isfile(paths(args.workdir)["config"]):
             cfg = read_config(args.workdir)
         else:
             cfg = config_lib.load_config(args.config or DEFAULT_CONFIG)
@@ -213,6 +221,11 @@ def run(argv: list[str] | None = None) -> int:
                 print(f"sora-jax aot-compile: error: {out['bytes_per_device'] / 2**30:.2f} GiB per device "
                       f"does not fit the {out['hbm_bytes'] / 2**30:.1f} GiB of {args.topology}", file=sys.stderr)
                 return 4
+        elif args.command == "import-weights":
+            fmt, src = args.source
+            if fmt != "diffusers":
+                raise StageError(f"--from {fmt!r}: the formats read are: diffusers")
+            out = stages.import_weights(cfg, wd, src, dtype=args.dtype)
         elif args.command == "model-info":
             out = stages.model_info(cfg, xla=args.xla)
         elif args.command == "evaluate":

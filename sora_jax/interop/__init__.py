@@ -1,0 +1,1 @@
+"""Weights in and out: released checkpoints into run folders (``import-weights``)."""

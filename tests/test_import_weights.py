@@ -1,0 +1,149 @@
+"""``import-weights``: the tiny Wan 2.1 pipeline folder of ``tests/fixtures/wan/tiny/`` (random
+weights in diffusers layout, written by ``tests/fixtures/wan/make_reference.py``) becomes a run
+folder whose checkpoints, restored the way ``generate`` restores them, compute what diffusers and
+transformers computed on the same weights (``*_io.npz``)."""
+
+import json
+import os
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sora_jax.cli import run as cli_run
+from sora_jax.config_validation import validate_config
+from sora_jax.errors import StageError
+from sora_jax.inference.latents import load_codec
+from sora_jax.interop.diffusers_import import import_diffusers, text_encoder_dir
+from sora_jax.models.factory import build_dit, build_umt5
+from sora_jax.train.run_folder import read_config, restore
+
+FIX = pathlib.Path(__file__).parent / "fixtures" / "wan"
+TINY = FIX / "tiny"
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("wan") / "run")
+    report = import_diffusers(TINY, run)
+    return run, report
+
+
+def test_run_folder_and_report(imported):
+    run, report = imported
+    cfg = read_config(run)
+    validate_config(cfg)  # the saved config is a valid run config
+    assert cfg.vae.kind == "wan" and cfg.text.encoder == "umt5" and cfg.dit.qk_norm == "across_heads"
+    assert set(report["components"]) == {"transformer", "vae", "text_encoder"}
+    saved = json.loads((pathlib.Path(run) / "import.json").read_text())
+    assert saved["params"] == report["params"] == sum(c["params"] for c in report["components"].values())
+    # every tensor of the source was read once: bytes agree with the files' headers
+    for name, c in saved["components"].items():
+        assert c["bytes"] <= sum(f["bytes"] for f in c["files"])
+    assert (pathlib.Path(text_encoder_dir(run)) / "tokenizer" / "tokenizer.json").is_file()
+    assert not os.path.exists(run + ".partial")
+
+
+def test_imported_transformer_matches_diffusers(imported):
+    from test_wan_dit import _run
+
+    run, _ = imported
+    cfg = read_config(run)
+    dit = build_dit(cfg)
+    restore(dit, os.path.join(run, "dit"), "dit")
+    ref = dict(np.load(FIX / "transformer_io.npz"))
+    for case in ("1", "2"):
+        out = _run(dit, tuple(cfg.dit.patch), ref["x" + case], ref["t" + case], ref["text" + case])
+        assert np.abs(out - ref["out" + case]).max() < 2e-5
+
+
+def test_imported_vae_decodes_and_encodes_as_diffusers(imported):
+    run, _ = imported
+    cfg = read_config(run)
+    codec = load_codec(cfg, run)
+    io = dict(np.load(FIX / "vae_io.npz"))
+    mean, _ = codec.vae.encode(jnp.asarray(io["video"]))
+    assert np.abs(np.asarray(mean) - io["enc_mean"]).max() < 1e-4
+    dec = np.asarray(codec.vae.decode(jnp.asarray(io["z"])))
+    assert np.abs(dec - io["dec_raw"]).max() < 1e-4
+    # latent statistics come from the checkpoint's config (Wan's latents_mean / latents_std)
+    np.testing.assert_allclose(codec.shift, cfg.vae.wan.latents_mean, rtol=1e-6)
+    np.testing.assert_allclose(codec.scale, cfg.vae.wan.latents_std, rtol=1e-6)
+
+
+def test_imported_text_encoder_matches_transformers(imported):
+    run, _ = imported
+    cfg = read_config(run)
+    enc = build_umt5(cfg)
+    restore(enc, text_encoder_dir(run), "text_encoder")
+    io = dict(np.load(FIX / "umt5_io.npz"))
+    out = np.asarray(enc(jnp.asarray(io["input_ids"]), jnp.asarray(io["attention_mask"])))
+    assert np.abs(out - io["last_hidden_state"]).max() < 1e-5
+
+
+def test_bfloat16_import(tmp_path):
+    run = str(tmp_path / "bf16")
+    import_diffusers(TINY, run, dtype="bfloat16")
+    cfg = read_config(run)
+    dit = build_dit(cfg)
+    restore(dit, os.path.join(run, "dit"), "dit")
+    ref = dict(np.load(FIX / "transformer_io.npz"))
+    from test_wan_dit import _run
+
+    err = np.abs(_run(dit, tuple(cfg.dit.patch), ref["x1"], ref["t1"], ref["text1"]) - ref["out1"]).max()
+    assert 1e-5 < err < 0.1  # rounded to bfloat16 weights: close, not equal
+
+
+def test_a_broken_checkpoint_is_one_error_and_nothing_is_written(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(TINY, src)
+    f = src / "transformer" / "diffusion_pytorch_model.safetensors"
+    t = load_file(str(f))
+    del t["blocks.1.ffn.net.2.bias"]
+    t["blocks.0.attn1.to_q.weight"] = t["blocks.0.attn1.to_q.weight"][:, :5]
+    t["blocks.9.extra.weight"] = np.zeros(3, np.float32)
+    save_file(t, str(f))
+    v = src / "vae" / "diffusion_pytorch_model.safetensors"
+    tv = load_file(str(v))
+    del tv["decoder.conv_out.bias"]
+    save_file(tv, str(v))
+    run = tmp_path / "run"
+    with pytest.raises(StageError) as e:
+        import_diffusers(src, str(run))
+    msg = str(e.value)
+    for needle in ("transformer: missing reference key blocks.1.ffn.net.2.bias",
+                   "transformer: unexpected reference key blocks.9.extra.weight",
+                   "transformer: shape mismatch for blocks.0.attn.qkv.kernel",
+                   "vae: missing reference key decoder.conv_out.bias", "nothing was written"):
+        assert needle in msg
+    assert not run.exists() and not pathlib.Path(str(run) + ".partial").exists()
+
+
+def test_refusals(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("x")
+    with pytest.raises(StageError, match="not empty"):
+        import_diffusers(TINY, str(tmp_path / "busy"))
+    with pytest.raises(StageError, match="dtype"):
+        import_diffusers(TINY, str(tmp_path / "a"), dtype="float8")
+    src = tmp_path / "i2v"
+    shutil.copytree(TINY, src)
+    c = json.loads((src / "transformer" / "config.json").read_text())
+    (src / "transformer" / "config.json").write_text(json.dumps(dict(c, image_dim=1280)))
+    with pytest.raises(StageError, match="image_dim"):
+        import_diffusers(src, str(tmp_path / "b"))
+    with pytest.raises(StageError, match="model_index.json"):
+        import_diffusers(tmp_path / "nowhere", str(tmp_path / "c"))
+
+
+def test_cli(tmp_path, capsys):
+    run = str(tmp_path / "cli")
+    assert cli_run(["import-weights", "--from", "diffusers", str(TINY), "--workdir", run]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"] > 0 and os.path.isfile(os.path.join(run, "config.json"))
+    assert cli_run(["import-weights", "--from", "diffusers", str(TINY), "--workdir", run]) == 2
+    assert "not empty" in capsys.readouterr().err
