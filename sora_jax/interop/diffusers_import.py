@@ -51,6 +51,7 @@ from sora_jax.parallel.axes import DEFAULT_RULES
 from sora_jax.parallel.sharding import state_shardings
 from sora_jax.safetensors_files import SafetensorsReader
 from sora_jax.train.checkpoint import Checkpointer
+from sora_jax.train.host_memory import release_free_host_memory
 from sora_jax.train.run_folder import paths, save_config
 
 __all__ = ["COMPONENT_CLASSES", "DTYPES", "build_config", "import_diffusers", "import_weights", "text_encoder_dir"]
@@ -269,12 +270,13 @@ def import_diffusers(src: str | os.PathLike, workdir: str, *, dtype: str = "floa
             model = wm.load(abstract, c.targets, c.reader, ignored=c.ignored, what=f"{c.name} ({c.folder})",
                             place=place)
             model = _fill_extra(model, c.extra)
-            ckpt = Checkpointer(c.save_dir, max_to_keep=1, async_save=False)
+            ckpt = Checkpointer(c.save_dir, max_to_keep=1, async_save=False, compress=False)
             ckpt.save(0, c.wrap(model), None, {"imported_from": str(c.folder), "dtype": dtype})
             ckpt.wait()
             ckpt.close()
             params = int(sum(np.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param))))
             del model
+            release_free_host_memory()  # the next component reuses what this one freed
             report["components"][c.name] = dict(
                 files=[dict(name=f.name, bytes=f.stat().st_size, header_sha256=_header_sha256(f))
                        for f in c.reader.files],
