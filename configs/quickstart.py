@@ -172,8 +172,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # visual_guidance: guidance on context frames (1.0 = none, no extra model pass); strength:
     # SDEdit strength of `--mode edit`.
     # weights: the DiT's "ema" (the moving average of its parameters, dit_train.ema) or "raw".
+    # negative_prompt: what CFG guides against with a DiT that has no learned null text
+    # (dit.text_null_token False: Wan 2.1; its pipeline's default is the empty prompt)
     c.sample = dict(steps=25, guidance=4.0, frames=9, height=32, width=32, fps=8, seed=0,
-                    solver="euler", visual_guidance=1.0, strength=0.6, weights="ema")
+                    solver="euler", visual_guidance=1.0, strength=0.6, weights="ema", negative_prompt="")
     # Prompts pass the filter, then the extender ("caption_style": rewrite into the training
     # captions' grammar; "none"; or "module.path:function", any local callable str -> str).
     # filter.blocked_terms None = sora_jax.inference.prompts.DEFAULT_BLOCKED_TERMS; refusals exit with 3.

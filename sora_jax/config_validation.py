@@ -335,6 +335,8 @@ def check_sample(cfg: ml_collections.ConfigDict):
     _float(s, "strength", "sample", 0.0, 1.0)
     _choice(s, "solver", "sample", SOLVERS)
     _choice(s, "weights", "sample", WEIGHTS)
+    if not isinstance(s.get("negative_prompt", ""), str):  # configs saved before it lack the key
+        raise _bad("sample.negative_prompt", f"must be a string, got {s.negative_prompt!r}")
 
 
 def check_prompt(cfg: ml_collections.ConfigDict):

@@ -129,6 +129,26 @@ def test_guidance_combines_branches_as_documented_without_retracing():
     np.testing.assert_allclose(x[:, 1:], x1[:, 1:] - (1.0 + 3.0 * 2.0), rtol=1e-6)
 
 
+def test_negative_text_replaces_the_null_text_in_the_unconditional_branch():
+    """Wan 2.1's CFG: v = v(negative) + s (v(prompt) - v(negative)), the negative prompt's states in
+    the text-free branch instead of segment ids 0 (a DiT without a null token needs text)."""
+    inp = _inputs(seed=5)
+    neg = np.full_like(np.asarray(inp["text"]), 7.0)
+
+    def field(x, seg, pos, t, text, tseg, cond_mask=None):
+        # each row's velocity is the mean of its text states: 7 in the negative branch, 0 (the
+        # prompt's zeros) in the conditional one; a null-text branch (tseg 0) would read 0 too
+        m = jnp.mean(jnp.where((tseg != 0)[..., None], text, 0.0), axis=(1, 2))
+        return jnp.broadcast_to(m[:, None, None], x.shape).astype(jnp.float32)
+
+    x1 = np.asarray(inp["x"])
+    x = np.asarray(sample(field, num_steps=1, guidance_scale=jnp.float32(3.0), negative_text=neg,
+                          negative_text_segment_ids=inp["text_segment_ids"], **inp))
+    np.testing.assert_allclose(x, x1 - (7.0 + 3.0 * (0.0 - 7.0)), rtol=1e-6)  # one Euler step, t 1 -> 0
+    with pytest.raises(ValueError, match="negative_text"):
+        sample(field, num_steps=1, guidance_scale=3.0, negative_text=neg, **inp)
+
+
 def test_bad_arguments_are_named():
     inp = _inputs()
     with pytest.raises(ValueError, match="unknown solver"):

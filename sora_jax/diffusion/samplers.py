@@ -18,7 +18,8 @@ Solvers (velocity v = noise - x0, data prediction x0_hat = x - t v):
 
 Guidance (Ho & Salimans 2022; two conditions as InstructPix2Pix, Brooks et al. 2023, eq. 3):
   v = v(0, 0) + s_v (v(ctx, 0) - v(0, 0)) + s_t (v(ctx, txt) - v(ctx, 0))
-where "0" text is every text segment id set to 0 (the learned null text) and "0" context is
+where "0" text is every text segment id set to 0 (the learned null text), or a negative
+prompt's states when given (Wan 2.1's CFG, whose DiT has no null text), and "0" context is
 every context token removed (made padding, as visual dropout does in training). With no
 visual scale the first term is dropped (v = v(ctx, 0) + s_t (...)): two branches, not three.
 All branches run as one batch, so changing a scale never recompiles.
@@ -35,6 +36,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sora_jax.diffusion.flow import shift_time
@@ -55,6 +57,8 @@ class _Inputs(NamedTuple):
     cond: jax.Array | None
     w_text: jax.Array | None
     w_visual: jax.Array | None
+    neg_text: jax.Array | None = None  # the "no text" branches' text (a negative prompt); None: none
+    neg_text_segment_ids: jax.Array | None = None
 
 
 def _call(model, x, seg, pos, t, text, tseg, cond):
@@ -68,17 +72,22 @@ def _guided_velocity(model, x, t, inp: _Inputs) -> jax.Array:
     if inp.w_text is None and inp.w_visual is None:
         return _call(model, x, seg, pos, t, text, tseg, cond).astype(jnp.float32)
     b = x.shape[0]
-    null_text = jnp.zeros_like(tseg)
+    # "no text": every text segment id 0 (the learned null text), or a negative prompt's states
+    if inp.neg_text is None:
+        null_text, null_tseg = text, jnp.zeros_like(tseg)
+    else:
+        null_text, null_tseg = inp.neg_text, inp.neg_text_segment_ids
     # branches: (text, context) always; (no text, context) for text guidance; (no text, no
     # context) for visual guidance. Context removal: context tokens become padding.
-    segs, tsegs, conds = [seg], [tseg], [cond]
+    segs, texts, tsegs, conds = [seg], [text], [tseg], [cond]
     if inp.w_text is not None:
-        segs.append(seg), tsegs.append(null_text), conds.append(cond)
+        segs.append(seg), texts.append(null_text), tsegs.append(null_tseg), conds.append(cond)
     if inp.w_visual is not None:
-        segs.append(jnp.where(cond, 0, seg)), tsegs.append(null_text), conds.append(cond)
+        segs.append(jnp.where(cond, 0, seg)), texts.append(null_text), tsegs.append(null_tseg)
+        conds.append(cond)
     k = len(segs)
     rep = lambda a: jnp.concatenate([a] * k, axis=0)  # noqa: E731
-    v = _call(model, rep(x), jnp.concatenate(segs), rep(pos), rep(t), rep(text),
+    v = _call(model, rep(x), jnp.concatenate(segs), rep(pos), rep(t), jnp.concatenate(texts),
               jnp.concatenate(tsegs), None if cond is None else jnp.concatenate(conds))
     v = v.astype(jnp.float32)
     vs = [v[i * b:(i + 1) * b] for i in range(k)]
@@ -145,7 +154,8 @@ def sample(model: nnx.Module | Callable[..., jax.Array], *, x: jax.Array, segmen
            solver: str = "euler", guidance_scale: jax.Array | float | None = None,
            visual_guidance_scale: jax.Array | float | None = None,
            shift: jax.Array | float = 1.0, cond_mask: jax.Array | None = None,
-           start: jax.Array | float = 1.0) -> jax.Array:
+           start: jax.Array | float = 1.0, negative_text: jax.Array | None = None,
+           negative_text_segment_ids: jax.Array | None = None) -> jax.Array:
     """Integrates the learned velocity field from u = start to 0.
 
     Args:
@@ -168,12 +178,17 @@ def sample(model: nnx.Module | Callable[..., jax.Array], *, x: jax.Array, segmen
       cond_mask: optional (B, L) bool; True tokens are clean context at t = 0, unchanged.
       start: scalar or (B, L) in [0, 1]: the grid's first u (1: from pure noise; s: SDEdit at
         strength s; 0: nothing moves and x is returned).
+      negative_text, negative_text_segment_ids: optional (B, Lt, Dt) / (B, Lt): what the
+        guidance branches without text see instead of the null text (segment ids 0): a
+        negative prompt's states, laid out as ``text`` (Wan 2.1's CFG; a DiT without a null
+        token needs it).
 
     Returns:
       (B, L, D) float32 x at t = 0 (values on padding tokens are meaningless).
 
     Raises:
-      ValueError: unknown solver, num_steps < 1, or a visual scale without ``cond_mask``.
+      ValueError: unknown solver, num_steps < 1, a visual scale without ``cond_mask``, or a
+        negative text whose shape is not the text's.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
@@ -181,6 +196,11 @@ def sample(model: nnx.Module | Callable[..., jax.Array], *, x: jax.Array, segmen
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if visual_guidance_scale is not None and cond_mask is None:
         raise ValueError("visual_guidance_scale needs a cond_mask (context tokens to guide by)")
+    if (negative_text is None) != (negative_text_segment_ids is None) or (
+            negative_text is not None and (np.shape(negative_text) != np.shape(text)
+                                           or np.shape(negative_text_segment_ids) != np.shape(text_segment_ids))):
+        raise ValueError("negative_text and negative_text_segment_ids go together, shaped as text and "
+                         "text_segment_ids")
     if isinstance(model, nnx.Module):
         graphdef, state = nnx.split(model)
     else:
@@ -190,6 +210,8 @@ def sample(model: nnx.Module | Callable[..., jax.Array], *, x: jax.Array, segmen
     inp = _Inputs(jnp.asarray(segment_ids), jnp.asarray(positions), jnp.asarray(text),
                   jnp.asarray(text_segment_ids),
                   None if cond_mask is None else jnp.asarray(cond_mask, bool),
-                  as_rows(guidance_scale), as_rows(visual_guidance_scale))
+                  as_rows(guidance_scale), as_rows(visual_guidance_scale),
+                  None if negative_text is None else jnp.asarray(negative_text),
+                  None if negative_text_segment_ids is None else jnp.asarray(negative_text_segment_ids))
     return _sample_loop(graphdef, state, jnp.asarray(x), inp, jnp.asarray(shift, jnp.float32),
                         jnp.asarray(start, jnp.float32), num_steps=int(num_steps), solver=solver)

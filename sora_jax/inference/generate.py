@@ -25,7 +25,8 @@ from sora_jax.diffusion.samplers import SOLVERS, sample
 from sora_jax.errors import StageError
 from sora_jax.inference.latents import load_codec
 from sora_jax.io import to_float, to_uint8
-from sora_jax.models.factory import build_dit, latent_shape, text_encoder
+from sora_jax.inference.text import load_text_encoder
+from sora_jax.models.factory import build_dit, latent_shape
 from sora_jax.train.run_folder import checkpoint_fingerprint, has_ema, paths, restore
 
 log = logging.getLogger("sora_jax")
@@ -75,7 +76,7 @@ class Generator:
         self.cfg = cfg
         self.workdir = workdir
         self.codec = load_codec(cfg, workdir)
-        self.text_encoder = text_encoder(cfg.text.max_length)
+        self.text_encoder = load_text_encoder(cfg, workdir)
         self._load_dit(cfg.sample.weights if weights is None else weights)
 
     def _load_dit(self, weights: str):
@@ -87,7 +88,13 @@ class Generator:
                         "dit_train.ema.profile 'none'?): sampling from the raw weights", run)
             weights = "raw"
         self.weights = weights
-        self.dit = build_dit(self.cfg)
+        # remat only shapes the backward pass, which sampling has none of; unrolled remat blocks
+        # inside the sampler's fori_loop also trip NNX's trace-level check
+        cfg = self.cfg
+        if cfg.dit.remat and not cfg.dit.scan_layers:
+            cfg = ml_collections.ConfigDict(cfg.to_dict())
+            cfg.dit.remat = False
+        self.dit = build_dit(cfg)
         self.dit_step = (restore(self.dit, run, "dit", subtree="weights", item="ema") if weights == "ema"
                          else restore(self.dit, run, "dit"))
         self._hashes: dict[str, str] | None = None
@@ -217,6 +224,16 @@ class Generator:
             raise StageError(f"internal: {dropped} requests did not fit the sampler rows")
         rows = max(pl.row for pl in placements) + 1  # first-fit fills rows in order
         batch = {k: v[:rows] for k, v in batch.items()}
+        negative = None
+        if guidance is not None and not self.cfg.dit.get("text_null_token", True):
+            # a DiT without a null text (Wan 2.1) guides against a negative prompt's states, laid
+            # out as the prompts' (same token and text counts: the same first-fit placements)
+            s_neg, m_neg = self.text_encoder.encode([self.cfg.sample.get("negative_prompt", "")], pad_to=max_text)
+            neg, neg_placements, _ = pack([dict(e, text=s_neg[0], text_mask=m_neg[0]) for e in examples],
+                                          batch_size=len(examples), length=length, text_length=per_row * max_text)
+            if neg_placements != placements:
+                raise StageError("internal: the negative prompt's text does not pack as the prompts' did")
+            negative = (jnp.asarray(neg["text"][:rows]), jnp.asarray(neg["text_segment_ids"][:rows]))
         shift = np.ones(batch["segment_ids"].shape, np.float32)
         start = np.ones(batch["segment_ids"].shape, np.float32)
         cond_mask = np.zeros(batch["segment_ids"].shape, bool)
@@ -234,6 +251,8 @@ class Generator:
                                    if visual_guidance is not None and any_context else None),
             shift=jnp.asarray(shift), cond_mask=jnp.asarray(cond_mask) if any_context else None,
             start=jnp.asarray(start),
+            negative_text=None if negative is None else negative[0],
+            negative_text_segment_ids=None if negative is None else negative[1],
         )
         tokens = unpack(np.asarray(out), placements)
         return [unpatchify(tk, g, patch, shape[3]) for tk, g, shape in zip(tokens, grids, shapes)]

@@ -69,7 +69,7 @@ DTYPES = ("float32", "bfloat16")
 
 def text_encoder_dir(workdir: str) -> str:
     """Where a run folder keeps an imported text encoder (checkpoints/ and tokenizer/)."""
-    return os.path.join(workdir, "text_encoder")
+    return paths(workdir)["text_encoder"]
 
 
 class _VAEHolder(nnx.Module):

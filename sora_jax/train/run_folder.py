@@ -44,6 +44,7 @@ def paths(workdir: str) -> dict[str, str]:
         vae_eval=j("vae", "evaluate_vae.json"), text_states=j("latents", "text_states.npz"),
         latents_train=j("latents", "latents_train"),
         samples=j("samples"), eval=j("eval"), modes=j("modes"),
+        text_encoder=j("text_encoder"),  # an imported text encoder (umT5): checkpoints/, tokenizer/
     )
 
 
