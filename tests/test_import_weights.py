@@ -166,3 +166,32 @@ def test_generate_from_the_imported_run(imported):
     set_value(cfg, "sample.negative_prompt", "blurry")
     b = Generator(cfg, run)(["a red car"], **kw)[0]
     assert np.abs(a.astype(int) - b.astype(int)).max() > 0  # the negative prompt is used
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    """A transformer saved as shards plus ``diffusion_pytorch_model.safetensors.index.json`` (how
+    the released 14B ships) imports to the same parameters as the single file."""
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(TINY, src)
+    folder = src / "transformer"
+    t = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    keys = sorted(t)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: t[k] for k in part}, str(folder / name))
+        weight_map.update({k: name for k in part})
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    run = str(tmp_path / "run")
+    report = import_diffusers(src, run)
+    assert len(report["components"]["transformer"]["files"]) == 2
+    cfg = read_config(run)
+    dit = build_dit(cfg)
+    restore(dit, os.path.join(run, "dit"), "dit")
+    from test_wan_dit import _run
+
+    ref = dict(np.load(FIX / "transformer_io.npz"))
+    assert np.abs(_run(dit, tuple(cfg.dit.patch), ref["x1"], ref["t1"], ref["text1"]) - ref["out1"]).max() < 2e-5
