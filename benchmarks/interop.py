@@ -8,6 +8,10 @@ Prints one JSON object:
   into a run folder, each model restored from it as ``generate`` restores it and run on the
   fixture's inputs, against the reference outputs diffusers / transformers computed on the same
   weights (fp32, CPU; ``tests/fixtures/wan/make_reference.py``).
+- ``pipeline_latents_max_abs_err``, ``pipeline_video_max_abs_err``: a whole text-to-video sample
+  from the imported run (umT5 prompt, CFG 5.0 against the empty negative prompt, 4 Euler steps
+  at flow shift 3.0, VAE decode) against diffusers' ``WanPipeline`` from the same starting noise
+  on the same time grid (``tests/fixtures/wan/ref_pipeline.py``).
 - ``manifest_keys_matched_<size>`` / ``manifest_keys_total_<size>`` (1_3b, 14b): of the released
   T2V transformers' keys (manifests built on PyTorch's meta device), how many the key map reads
   into a parameter of ours of the right shape; ``params_<size>``: our DiT's parameter count
@@ -77,7 +81,16 @@ def parity() -> dict:
         restore(enc, text_encoder_dir(run), "text_encoder")
         u = dict(np.load(FIX / "umt5_io.npz"))
         states = enc(jnp.asarray(u["input_ids"]), jnp.asarray(u["attention_mask"]))
+        from sora_jax.inference.generate import Generator, Request
+
+        pio = dict(np.load(FIX / "pipeline_io.npz"))
+        gen = Generator(cfg, run)
+        (z,) = gen.sample_latents([Request("a red car on a road", 9, 32, 32, noise=pio["noise"])], seed=0,
+                                  guidance=5.0, steps=4, solver="euler")
+        video = gen.codec.decode(z[None])[0]
         return dict(transformer_max_abs_err=err_t,
+                    pipeline_latents_max_abs_err=float(np.abs(z - pio["latents"]).max()),
+                    pipeline_video_max_abs_err=float(np.abs(video - pio["video"]).max()),
                     vae_encode_max_abs_err=float(np.abs(np.asarray(mean) - v["enc_mean"]).max()),
                     vae_decode_max_abs_err=float(np.abs(np.asarray(dec) - v["dec_raw"]).max()),
                     umt5_max_abs_err=float(np.abs(np.asarray(states) - u["last_hidden_state"]).max()))

@@ -45,6 +45,8 @@ class Request(NamedTuple):
     init: optional (t, h, w, c) normalised latent to edit (SDEdit, Meng et al. 2022).
     strength: SDEdit strength s in [0, 1] with ``init``: the sampler starts at u = s, from
       (1 - t_s) init + t_s noise; 0 returns ``init``, 1 ignores it (plain generation).
+    noise: optional (t, h, w, c) float32 starting noise of the latent's shape (default: drawn
+      with ``[seed, i]``), e.g. to reproduce another implementation's sample from its noise.
     """
 
     prompt: str
@@ -55,6 +57,7 @@ class Request(NamedTuple):
     context_frames: np.ndarray | None = None
     init: np.ndarray | None = None
     strength: float = 1.0
+    noise: np.ndarray | None = None
 
 
 class Generator:
@@ -190,7 +193,11 @@ class Generator:
         f = self.cfg.flow
         examples, grids, per_token = [], [], []
         for i, (r, shape) in enumerate(zip(requests, shapes)):
-            noise = np.random.default_rng([seed, i]).standard_normal(shape).astype(np.float32)
+            if r.noise is not None:
+                _check_latent(r.noise, shape, "noise")
+                noise = np.asarray(r.noise, np.float32)
+            else:
+                noise = np.random.default_rng([seed, i]).standard_normal(shape).astype(np.float32)
             n_tokens = int(np.prod([s // p for s, p in zip(shape[:3], patch)]))
             shift = float(time_shift_for_tokens(n_tokens, f.base_tokens, f.max_shift))
             x, start = noise, 1.0

@@ -155,7 +155,8 @@ def write_samples(out_dir: str, prompts: list[str], videos: list[np.ndarray], in
     scale = max(1, 128 // max(videos[0].shape[1:3]))
     for i, (prompt, video) in enumerate(zip(prompts, videos)):
         path = os.path.join(out_dir, f"sample_{i:02d}.mp4")
-        write_mp4(path, video, fps=fps, scale=scale, metadata={"prompt": prompt, **{k: str(v) for k, v in info.items()}})
+        write_mp4(path, video, fps=fps, scale=scale,
+                  metadata={"prompt": prompt, **{k: str(v) for k, v in info.items()}})
         samples.append({"prompt": prompt, "path": path, "shape": list(video.shape[:3])})
     write_contact_sheet(os.path.join(out_dir, "contact_sheet.png"), videos, labels=list(prompts),
                         scale=max(1, scale // 2))
