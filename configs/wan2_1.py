@@ -56,7 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # fine-tuning rows: one 81x480x832 clip (32760 tokens) with its 512 text tokens
     c.dit_train.update(batch_size=1, row_length=32768, max_tokens=32768, text_length=512)
     # Wan's flow shift is a constant 3.0 at 480p: saturate the resolution rule at 3
-    c.flow.update(base_tokens=1, max_shift=3.0)
+    # no caption dropout in fine-tuning: Wan's DiT has no null text to drop a caption to (CFG
+    # guides against the encoded negative prompt instead)
+    c.flow.update(base_tokens=1, max_shift=3.0, caption_dropout=0.0)
     c.sample.update(steps=50, guidance=5.0, frames=81, height=480, width=832, fps=16, solver="dpmpp_2m",
                     weights="raw")
     c.model_info = dict(latent=(21, 60, 104))  # 81x480x832 clips: 32760 tokens

@@ -276,6 +276,10 @@ def check_flow(cfg: ml_collections.ConfigDict):
     _float(f, "base_tokens", "flow", 0.0, low_open=True)
     _float(f, "max_shift", "flow", 1.0)
     _float(f, "caption_dropout", "flow", 0.0, 1.0)
+    if f.caption_dropout > 0 and not cfg.dit.get("text_null_token", True):
+        raise _bad("flow.caption_dropout", f"{f.caption_dropout}: a dropped caption leaves its tokens no text to "
+                                           "attend to in a DiT without a null text (dit.text_null_token False, "
+                                           "Wan 2.1); set it to 0")
     _choice(f, "loss_weighting", "flow", LOSS_WEIGHTINGS)
 
 

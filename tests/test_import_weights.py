@@ -8,9 +8,11 @@ import os
 import pathlib
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from sora_jax.cli import run as cli_run
 from sora_jax.config_validation import validate_config
@@ -212,3 +214,51 @@ def test_sampling_matches_diffusers_wan_pipeline(imported):
     assert np.abs(z - ref["latents"]).max() < 1e-4
     video = gen.codec.decode(z[None])[0]
     assert np.abs(video - ref["video"]).max() < 1e-4
+
+
+@pytest.mark.slow  # about 35 s; the restore it relies on is test_restore_without_optimizer_state's
+def test_fine_tune_the_imported_run(tmp_path):
+    """train-dit continues from imported weights as they are: a fresh optimizer (the import has
+    no optimizer state), latents and umT5 text states encoded with the run's own models, and a
+    checkpoint that then holds the optimizer too."""
+    from sora_jax.train.checkpoint import Checkpointer
+
+    run = str(tmp_path / "ft")
+    import_diffusers(TINY, run)
+    small = ["--config.dit_train.row_length=256", "--config.dit_train.max_tokens=256",
+             "--config.dit_train.steps=2", "--config.dit_train.checkpoint_every=2", "--config.dit_train.warmup_steps=1",
+             "--config.data.mnist_train=8", "--config.data.clips_train=2", "--config.data.mnist_eval=4",
+             "--config.data.heldout_prompts=2", "--config.data.clips_eval=2"]
+    assert cli_run(["prepare-data", "--workdir", run, "--no-progress", *small]) == 0
+    before = build_dit(read_config(run))
+    restore(before, os.path.join(run, "dit"), "dit")
+    assert cli_run(["train-dit", "--workdir", run, "--no-progress", *small]) == 0
+    ckpt = Checkpointer(os.path.join(run, "dit", "checkpoints"), async_save=False)
+    assert ckpt.latest_step() == 2 and ckpt.has_item(2, "optimizer")
+    after = build_dit(read_config(run))
+    restore(after, os.path.join(run, "dit"), "dit")
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+             zip(jax.tree.leaves(nnx.state(before, nnx.Param)), jax.tree.leaves(nnx.state(after, nnx.Param)))]
+    assert max(moved) > 0 and all(np.isfinite(moved))
+
+
+def test_restore_without_optimizer_state(imported):
+    """An imported checkpoint has weights only: restoring it with an optimizer keeps the fresh
+    optimizer and says so (``optimizer_restored`` False), so train-dit can start from it."""
+    import optax
+
+    from sora_jax.train.checkpoint import Checkpointer
+
+    run, _ = imported
+    dit = build_dit(read_config(run))
+    opt = nnx.Optimizer(dit, optax.adam(1e-3), wrt=nnx.Param)
+    fresh = jax.tree.map(np.asarray, nnx.state(opt))
+    meta = Checkpointer(os.path.join(run, "dit", "checkpoints"), async_save=False).restore(dit, opt)
+    assert meta["optimizer_restored"] is False and meta["step"] == 0
+    for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(nnx.state(opt))):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    ref = dict(np.load(FIX / "transformer_io.npz"))
+    from test_wan_dit import _run
+
+    assert np.abs(_run(dit, tuple(read_config(run).dit.patch), ref["x1"], ref["t1"], ref["text1"])
+                  - ref["out1"]).max() < 2e-5

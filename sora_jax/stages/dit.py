@@ -21,7 +21,8 @@ from sora_jax.diffusion.flow import rectified_flow_loss
 from sora_jax.errors import StageError
 from sora_jax.inference.latents import load_codec
 from sora_jax.io import to_float
-from sora_jax.models.factory import build_dit, text_encoder
+from sora_jax.inference.text import load_text_encoder
+from sora_jax.models.factory import build_dit
 from sora_jax.models.info import model_info
 from sora_jax.parallel.distributed import main_process_first
 from sora_jax.parallel.mesh import create_mesh
@@ -61,7 +62,7 @@ def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool 
     records = [src[i] for src in sources for i in range(len(src))]
     captions = sorted({str(r["caption"]) for r in records})
     cid = {c: i for i, c in enumerate(captions)}
-    states, masks = text_encoder(cfg.text.max_length).encode(captions, pad_to=cfg.text.max_length)
+    states, masks = load_text_encoder(cfg, workdir).encode(captions, pad_to=cfg.text.max_length)
     np.savez(p["text_states"], captions=np.asarray(captions), states=states.astype(np.float32),
              masks=masks.astype(bool))
     by_shape: dict[tuple, list[int]] = {}
@@ -177,7 +178,7 @@ def dit_heldout_loss(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Modu
     codec = load_codec(cfg, workdir)
     data = read_dataset(datasets(workdir)["moving_mnist_eval"])
     records = [data[i] for i in range(len(data))]
-    states, masks = text_encoder(cfg.text.max_length).encode([str(r["caption"]) for r in records],
+    states, masks = load_text_encoder(cfg, workdir).encode([str(r["caption"]) for r in records],
                                               pad_to=cfg.text.max_length)
     examples = []
     for r, s, m in zip(records, states, masks):

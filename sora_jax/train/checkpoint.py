@@ -158,7 +158,9 @@ class Checkpointer:
 
         ``ema`` (:class:`sora_jax.train.ema.EMA`): restored from the ``ema`` item; a checkpoint
         without one (written before the run had an EMA) starts it from the restored
-        parameters with its count at 0, and ``meta["ema_restored"]`` is False.
+        parameters with its count at 0, and ``meta["ema_restored"]`` is False. A checkpoint
+        without optimizer state (imported weights) leaves ``optimizer`` as it is, and
+        ``meta["optimizer_restored"]`` is False.
 
         Raises:
           CheckpointNotFoundError: no checkpoint exists under the directory (or not ``step``).
@@ -181,7 +183,10 @@ class Checkpointer:
             "model": ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(model_state))),
             "meta": ocp.args.JsonRestore(),
         }
-        if optimizer is not None:
+        # imported weights (sora_jax.interop) come without optimizer state: fine-tuning starts a
+        # fresh optimizer from them
+        with_optimizer = optimizer is not None and self.has_item(step, "optimizer")
+        if with_optimizer:
             opt_state = nnx.state(optimizer)
             items["optimizer"] = ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(opt_state)))
         with_ema = ema is not None and self.has_item(step, "ema")
@@ -190,14 +195,16 @@ class Checkpointer:
             items["ema"] = ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(ema_state)))
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         _check_shapes(items["model"].item, restored["model"], "model")
-        if optimizer is not None:
+        if with_optimizer:
             _check_shapes(items["optimizer"].item, restored["optimizer"], "optimizer")
         nnx.replace_by_pure_dict(model_state, restored["model"])
         nnx.update(model, model_state)
-        if optimizer is not None:
+        if with_optimizer:
             nnx.replace_by_pure_dict(opt_state, restored["optimizer"])
             nnx.update(optimizer, opt_state)
         meta = dict(restored["meta"])
+        if optimizer is not None:
+            meta["optimizer_restored"] = with_optimizer
         if with_ema:
             _check_shapes(items["ema"].item, restored["ema"], "ema")
             nnx.replace_by_pure_dict(ema_state, restored["ema"])

@@ -179,6 +179,9 @@ def _restore_latest(ckpt: Checkpointer, task: "TrainTask", optimizer, ema=None) 
             log.warning("%s: checkpoint %d is unreadable (%s: %s); moved to %s", task.name, bad,
                         type(e).__name__, str(e)[:200], moved)
         log.info("%s: resumed from step %d (%s)", task.name, int(meta["step"]), ckpt.directory)
+        if meta.get("optimizer_restored") is False:
+            log.warning("%s: checkpoint %d holds no optimizer state (imported weights?): training "
+                        "continues from its weights with a fresh optimizer", task.name, int(meta["step"]))
         if meta.get("ema_restored") is False:
             log.warning("%s: checkpoint %d holds no EMA of the weights (written without one); the "
                         "average starts from its weights", task.name, int(meta["step"]))
