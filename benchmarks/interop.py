@@ -147,12 +147,14 @@ def _child(src: str, run: str) -> None:
     import jax
     import jax.numpy as jnp
 
-    from sora_jax.interop.diffusers_import import import_diffusers
+    from sora_jax import config as config_lib
+    from sora_jax.interop.diffusers_import import import_weights
 
     jax.block_until_ready(jnp.zeros(8) + 1)  # the runtime is up: its memory is not the import's
+    cfg = config_lib.load_config("wan2_1")
     baseline = _rss_mb("VmRSS")
     t0 = time.perf_counter()
-    report = import_diffusers(src, run)
+    report = import_weights(cfg, run, src)  # what `sora-jax import-weights` runs
     seconds = time.perf_counter() - t0
     print(json.dumps(dict(seconds=seconds, bytes=report["bytes"], peak_mb=_rss_mb("VmHWM"), baseline_mb=baseline,
                           largest_component_bytes=max(c["bytes"] for c in report["components"].values()))))

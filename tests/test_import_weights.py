@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sora_jax.cli import run as cli_run
+from sora_jax.cli import run as cli_run  # prepare-data / train-dit, which leave malloc alone
 from sora_jax.config_validation import validate_config
 from sora_jax.errors import StageError
 from sora_jax.inference.latents import load_codec
@@ -142,13 +142,24 @@ def test_refusals(tmp_path):
         import_diffusers(tmp_path / "nowhere", str(tmp_path / "c"))
 
 
-def test_cli(tmp_path, capsys):
+def test_cli(tmp_path):
+    """The subcommand, in a process of its own as users run it (it tunes that process's malloc:
+    sora_jax.train.host_memory.map_large_allocations)."""
+    import subprocess
+    import sys
+
     run = str(tmp_path / "cli")
-    assert cli_run(["import-weights", "--from", "diffusers", str(TINY), "--workdir", run]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["params"] > 0 and os.path.isfile(os.path.join(run, "config.json"))
-    assert cli_run(["import-weights", "--from", "diffusers", str(TINY), "--workdir", run]) == 2
-    assert "not empty" in capsys.readouterr().err
+    cmd = [sys.executable, "-m", "sora_jax.cli", "import-weights", "--from", "diffusers", str(TINY), "--workdir", run]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    out = json.loads(first.stdout)
+    assert out["params"] > 0 and out["workdir"] == run and os.path.isfile(os.path.join(run, "config.json"))
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 2 and "not empty" in again.stderr
+    bad = subprocess.run(cmd[:5] + ["onnx", str(TINY), "--workdir", str(tmp_path / "x")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "the formats read are: diffusers" in bad.stderr
 
 
 def test_generate_from_the_imported_run(imported):

@@ -51,7 +51,7 @@ from sora_jax.parallel.axes import DEFAULT_RULES
 from sora_jax.parallel.sharding import state_shardings
 from sora_jax.safetensors_files import SafetensorsReader
 from sora_jax.train.checkpoint import Checkpointer
-from sora_jax.train.host_memory import release_free_host_memory
+from sora_jax.train.host_memory import map_large_allocations, release_free_host_memory
 from sora_jax.train.run_folder import paths, save_config
 
 __all__ = ["COMPONENT_CLASSES", "DTYPES", "build_config", "import_diffusers", "import_weights", "text_encoder_dir"]
@@ -305,10 +305,13 @@ def import_diffusers(src: str | os.PathLike, workdir: str, *, dtype: str = "floa
 
 def import_weights(cfg: ml_collections.ConfigDict, workdir: str, src: str, *, dtype: str = "float32") -> dict[str, Any]:
     """``sora-jax import-weights --from diffusers SRC``: :func:`import_diffusers` with ``cfg`` as
-    the base config; returns the report without the (long) model index.
+    the base config, in a process that does nothing else (so large allocations are mapped and
+    unmapped one by one: :func:`sora_jax.train.host_memory.map_large_allocations`); returns the
+    report without the (long) model index.
 
     Raises:
       StageError: as :func:`import_diffusers`.
     """
+    map_large_allocations()  # a one-shot process: freed conversion buffers go straight back to the OS
     report = import_diffusers(src, workdir, dtype=dtype, base=cfg)
     return {k: v for k, v in report.items() if k != "model_index"} | {"workdir": workdir}
