@@ -240,3 +240,24 @@ def test_parse_mix_reads_prefixes_and_weights():
     for bad in ("a:0", "a:-1", ":3", "a:nan", "a:inf"):
         with pytest.raises(ValueError, match="positive weight"):
             parse_mix(bad)
+
+
+def test_an_imported_wan_run_encodes_with_its_own_umt5(clips, tmp_path):
+    """A run whose text encoder is umT5 (import-weights of Wan 2.1) encodes captions with it:
+    512 tokens each, all kept (Wan's DiT attends to the zero padding too)."""
+    from sora_jax.inference.text import load_text_encoder
+    from sora_jax.interop.diffusers_import import import_diffusers
+    from sora_jax.train.run_folder import read_config
+
+    run = str(tmp_path / "wan")
+    import_diffusers(pathlib.Path(__file__).parent / "fixtures" / "wan" / "tiny", run)
+    out = str(tmp_path / "latents")
+    info = encode(clips, run, out, batch_size=2, process_index=0, process_count=1, progress=False)
+    assert info["num_encoded"] == 4
+    cfg = read_config(run)
+    text = load_text_encoder(cfg, run)
+    for r in read_encoded(out):
+        states, mask = text.encode([r["caption"]], pad_to=cfg.text.max_length)
+        assert mask.all() and r["text"].shape == (512, cfg.text.umt5.d_model)
+        np.testing.assert_allclose(r["text"], states[0], rtol=1e-5, atol=1e-5)
+        assert r["latent"].shape[-1] == cfg.vae.latent_channels
