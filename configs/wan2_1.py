@@ -61,5 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.flow.update(base_tokens=1, max_shift=3.0, caption_dropout=0.0)
     c.sample.update(steps=50, guidance=5.0, frames=81, height=480, width=832, fps=16, solver="dpmpp_2m",
                     weights="raw")
+    # prompts go to umT5 as written: the quickstart's extender rewrites into Moving MNIST captions
+    c.prompt.extender = "none"
     c.model_info = dict(latent=(21, 60, 104))  # 81x480x832 clips: 32760 tokens
     return c
