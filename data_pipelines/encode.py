@@ -42,7 +42,6 @@ from sora_jax.errors import StageError
 from sora_jax.inference.latents import load_codec
 from sora_jax.inference.text import load_text_encoder
 from sora_jax.io import to_float
-from sora_jax.models.factory import text_encoder as cached_text_encoder
 from sora_jax.train.run_folder import checkpoint_fingerprint, read_config
 
 __all__ = ["ENCODE_VERSION", "SKIP_REASONS", "encode", "main"]
@@ -173,9 +172,7 @@ def encode(
     codec = _codec(cfg, vae_workdir, (os.path.abspath(vae_workdir), key["vae_checkpoint_sha256"],
                                       json.dumps(key["vae_config"], sort_keys=True)))
     # the run's own text encoder: MiniLM, or the umT5 an imported Wan run keeps in its folder
-    # (whose prompts are always its max_length long)
-    text_encoder = (load_text_encoder(cfg, vae_workdir) if cfg.text.get("encoder", "minilm") == "umt5"
-                    else cached_text_encoder(text_max_length))
+    text_encoder = load_text_encoder(cfg, vae_workdir, max_length=text_max_length)
     tds, sds = int(cfg.vae.temporal_downsample), int(cfg.vae.spatial_downsample)
 
     skipped: list[dict] = []

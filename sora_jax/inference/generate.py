@@ -80,6 +80,7 @@ class Generator:
         self.workdir = workdir
         self.codec = load_codec(cfg, workdir)
         self.text_encoder = load_text_encoder(cfg, workdir)
+        self._negative_cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}  # with_weights shares it
         self._load_dit(cfg.sample.weights if weights is None else weights)
 
     def _load_dit(self, weights: str):
@@ -101,6 +102,13 @@ class Generator:
         self.dit_step = (restore(self.dit, run, "dit", subtree="weights", item="ema") if weights == "ema"
                          else restore(self.dit, run, "dit"))
         self._hashes: dict[str, str] | None = None
+
+    def _negative_text(self, prompt: str, max_text: int) -> tuple[np.ndarray, np.ndarray]:
+        # encoded once per generator: umT5-XXL is the costliest model outside the sampler loop
+        key = (prompt, max_text)
+        if key not in self._negative_cache:
+            self._negative_cache[key] = self.text_encoder.encode([prompt], pad_to=max_text)
+        return self._negative_cache[key]
 
     def with_weights(self, weights: str) -> "Generator":
         """A Generator of the same run with the DiT's ``weights`` ("ema" or "raw"; see the
@@ -235,7 +243,7 @@ class Generator:
         if guidance is not None and not self.cfg.dit.get("text_null_token", True):
             # a DiT without a null text (Wan 2.1) guides against a negative prompt's states, laid
             # out as the prompts' (same token and text counts: the same first-fit placements)
-            s_neg, m_neg = self.text_encoder.encode([self.cfg.sample.get("negative_prompt", "")], pad_to=max_text)
+            s_neg, m_neg = self._negative_text(self.cfg.sample.get("negative_prompt", ""), max_text)
             neg, neg_placements, _ = pack([dict(e, text=s_neg[0], text_mask=m_neg[0]) for e in examples],
                                           batch_size=len(examples), length=length, text_length=per_row * max_text)
             if neg_placements != placements:

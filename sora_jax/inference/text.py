@@ -51,15 +51,17 @@ class UMT5Text:
     __call__ = encode
 
 
-def load_text_encoder(cfg: ml_collections.ConfigDict, workdir: str):
+def load_text_encoder(cfg: ml_collections.ConfigDict, workdir: str, max_length: int | None = None):
     """The text encoder of ``cfg.text`` for the run folder ``workdir``: MiniLM (``encoder`` "minilm"
-    or absent) or the run's imported umT5 (``"umt5"``, restored from ``<workdir>/text_encoder``).
+    or absent; ``max_length`` tokens, default ``cfg.text.max_length``) or the run's imported umT5
+    (``"umt5"``, restored from ``<workdir>/text_encoder``; its prompts are always
+    ``cfg.text.max_length`` long, as Wan's are).
 
     Raises:
       StageError: a umT5 run folder without its text encoder (run ``import-weights``).
     """
     if cfg.text.get("encoder", "minilm") != "umt5":
-        return text_encoder(cfg.text.max_length)
+        return text_encoder(max_length or cfg.text.max_length)
     folder = paths(workdir)["text_encoder"]
     model = nnx.eval_shape(lambda: build_umt5(cfg))
     restore(model, folder, "text_encoder")

@@ -44,7 +44,7 @@ from sora_jax import config as config_lib
 from sora_jax.errors import StageError
 from sora_jax.models import weight_map as wm
 from sora_jax.models.factory import build_dit, build_umt5, build_wan_vae
-from sora_jax.models.umt5 import UMT5_IGNORED_KEYS, UMT5Config, umt5_key_map
+from sora_jax.models.umt5 import UMT5Config, embedding_key, umt5_ignored_keys, umt5_key_map
 from sora_jax.models.wan_dit import dit_fields, wan_transformer_key_map
 from sora_jax.models.wan_vae import WAN_VAE_IGNORED_KEYS, WanVAEConfig, wan_vae_key_map
 from sora_jax.parallel.axes import DEFAULT_RULES
@@ -174,11 +174,7 @@ def _components(src: pathlib.Path, cfg: ml_collections.ConfigDict, out: str) -> 
     p = paths(out)
     umt5_cfg = UMT5Config(**cfg.text.umt5.to_dict())
     text_reader = SafetensorsReader(src / "text_encoder")
-    # transformers may save the tied embedding under either name (sora_jax.models.umt5)
-    keys = set(text_reader)
-    embedding = "shared.weight" if "shared.weight" in keys or "encoder.embed_tokens.weight" not in keys \
-        else "encoder.embed_tokens.weight"
-    ignored_text = tuple(k for k in ("shared.weight", *UMT5_IGNORED_KEYS) if k != embedding)
+    embedding = embedding_key(text_reader)  # transformers may save the tied table under either name
     return [
         _Component("transformer", src / "transformer", SafetensorsReader(src / "transformer"),
                    lambda: nnx.eval_shape(lambda: build_dit(cfg)), wan_transformer_key_map(cfg.dit), (),
@@ -191,7 +187,7 @@ def _components(src: pathlib.Path, cfg: ml_collections.ConfigDict, out: str) -> 
                           ("latent_scale",): np.asarray(cfg.vae.wan.latents_std, np.float32)}),
         _Component("text_encoder", src / "text_encoder", text_reader,
                    lambda: nnx.eval_shape(lambda: build_umt5(cfg)),
-                   umt5_key_map(umt5_cfg, embedding_key=embedding), ignored_text,
+                   umt5_key_map(umt5_cfg, embedding_key=embedding), umt5_ignored_keys(embedding),
                    os.path.join(text_encoder_dir(out), "checkpoints")),
     ]
 

@@ -52,10 +52,12 @@ __all__ = [
     "UMT5_IGNORED_KEYS",
     "WanPromptEncoder",
     "clean_prompt",
+    "embedding_key",
     "load_umt5",
     "load_umt5_state",
     "read_safetensors",
     "relative_position_bucket",
+    "umt5_ignored_keys",
     "umt5_key_map",
 ]
 
@@ -432,11 +434,17 @@ def _arrays_equal(a, b, rows: int = 4096) -> bool:
     return all(np.array_equal(a[i:i + rows], b[i:i + rows]) for i in range(0, a.shape[0], rows))
 
 
-def _embedding_key(tensors: Mapping[str, Any]) -> str:
-    """transformers ties ``encoder.embed_tokens.weight`` to ``shared.weight``: a checkpoint may
-    hold either or both. With only the former, it stands in for ``shared.weight`` (transformers
-    ties to whichever is present); with both, they must be equal -- otherwise transformers would
-    not tie them and its encoder would embed with ``encoder.embed_tokens.weight``."""
+def embedding_key(tensors: Mapping[str, Any]) -> str:
+    """The key of the token-embedding table to read. transformers ties
+    ``encoder.embed_tokens.weight`` to ``shared.weight``: a checkpoint may hold either or both.
+    With only the former, it stands in for ``shared.weight`` (transformers ties to whichever is
+    present); with both, they must be equal -- otherwise transformers would not tie them and its
+    encoder would embed with ``encoder.embed_tokens.weight`` (both are read only in that case,
+    to compare them).
+
+    Raises:
+      ValueError: both present and different.
+    """
     if _EMBED_TOKENS not in tensors:
         return _SHARED
     if _SHARED not in tensors:
@@ -466,10 +474,15 @@ def load_umt5_state(model: UMT5Encoder, tensors: Mapping[str, np.ndarray]) -> UM
         without a source, or ``encoder.embed_tokens.weight`` present and different from
         ``shared.weight``.
     """
-    embedding = _embedding_key(tensors)
+    embedding = embedding_key(tensors)
     targets = umt5_key_map(model.config, embedding_key=embedding)
-    ignored = tuple(k for k in (_SHARED, _EMBED_TOKENS) if k != embedding)
-    return weight_map.load(model, targets, tensors, ignored=ignored, what="the umT5 checkpoint")
+    return weight_map.load(model, targets, tensors, ignored=umt5_ignored_keys(embedding), what="the umT5 checkpoint")
+
+
+def umt5_ignored_keys(embedding: str) -> tuple[str, ...]:
+    """The checkpoint keys that are not ours when ``embedding`` (:func:`embedding_key`) is read:
+    the other name of the tied embedding table."""
+    return tuple(k for k in (_SHARED, _EMBED_TOKENS) if k != embedding)
 
 
 def read_safetensors(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
@@ -582,9 +595,9 @@ class WanPromptEncoder:
         self._forward = jax.jit(forward)
 
     @classmethod
-    def from_pretrained(cls, text_encoder_dir: str | os.PathLike, tokenizer: str | os.PathLike, *,
-                        max_length: int = 512, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                        pad_token: str = "<pad>") -> "WanPromptEncoder":
+    def from_pretrained(cls, text_encoder_dir: str | os.PathLike,  # local files only: allow-network
+                        tokenizer: str | os.PathLike, *, max_length: int = 512, dtype: Any = jnp.float32,
+                        param_dtype: Any = jnp.float32, pad_token: str = "<pad>") -> "WanPromptEncoder":
         """From a diffusers Wan checkpoint's ``text_encoder/`` and ``tokenizer/`` folders.
 
         Raises:
