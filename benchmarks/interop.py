@@ -12,8 +12,11 @@ Prints one JSON object:
   from the imported run (umT5 prompt, CFG 5.0 against the empty negative prompt, 4 Euler steps
   at flow shift 3.0, VAE decode) against diffusers' ``WanPipeline`` from the same starting noise
   on the same time grid (``tests/fixtures/wan/ref_pipeline.py``).
-- ``manifest_keys_matched_<size>`` / ``manifest_keys_total_<size>`` (1_3b, 14b): of the released
-  T2V transformers' keys (manifests built on PyTorch's meta device), how many the key map reads
+- ``transformer_i2v_max_abs_err``: the same for a tiny image-to-video folder (the I2V
+  transformer of ``tests/fixtures/wan/i2v/``: extra input channels, CLIP states through the image
+  embedder and added K/V), imported, restored and run against diffusers' output.
+- ``manifest_keys_matched_<size>`` / ``manifest_keys_total_<size>`` (1_3b, 14b, i2v_14b): of the
+  released transformers' keys (manifests built on PyTorch's meta device), how many the key map reads
   into a parameter of ours of the right shape; ``params_<size>``: our DiT's parameter count
   built from the same config (``reference_params_<size>``: the manifest's); the same for the
   shared VAE and umT5-XXL (``*_vae``, ``*_umt5``).
@@ -57,7 +60,8 @@ def parity() -> dict:
     import jax.numpy as jnp
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_wan_dit import _run
+    from test_import_weights import make_i2v_folder
+    from test_wan_dit import _run, run_i2v
 
     from sora_jax.inference.latents import load_codec
     from sora_jax.interop.diffusers_import import import_diffusers, text_encoder_dir
@@ -88,7 +92,15 @@ def parity() -> dict:
         (z,) = gen.sample_latents([Request("a red car on a road", 9, 32, 32, noise=pio["noise"])], seed=0,
                                   guidance=5.0, steps=4, solver="euler")
         video = gen.codec.decode(z[None])[0]
-        return dict(transformer_max_abs_err=err_t,
+        # the image-to-video transformer (36 -> 16 channels at full size, CLIP states, added K/V)
+        i2v_run = os.path.join(tmp, "i2v_run")
+        import_diffusers(make_i2v_folder(pathlib.Path(tmp) / "i2v"), i2v_run)
+        i2v_cfg = read_config(i2v_run)
+        i2v = build_dit(i2v_cfg)
+        restore(i2v, os.path.join(i2v_run, "dit"), "dit")
+        ti = dict(np.load(FIX / "transformer_i2v_io.npz"))
+        err_i2v = float(np.abs(run_i2v(i2v, tuple(i2v_cfg.dit.patch), ti, "i2v") - ti["i2v_out"]).max())
+        return dict(transformer_max_abs_err=err_t, transformer_i2v_max_abs_err=err_i2v,
                     pipeline_latents_max_abs_err=float(np.abs(z - pio["latents"]).max()),
                     pipeline_video_max_abs_err=float(np.abs(video - pio["video"]).max()),
                     vae_encode_max_abs_err=float(np.abs(np.asarray(mean) - v["enc_mean"]).max()),
@@ -114,12 +126,13 @@ def manifests() -> dict:
         return len(ok & set(reference))
 
     out = {}
-    for size in ("1_3b", "14b"):
+    for size in ("1_3b", "14b", "i2v_14b"):
         m = json.loads((FIX / "manifests" / f"transformer_{size}.json").read_text())
         f = dit_fields(m["config"])
         d = dict(f["dit"])
-        patch = d.pop("patch")
-        model = nnx.eval_shape(lambda: DiT(in_dim=f["latent_channels"] * int(np.prod(patch)), rngs=nnx.Rngs(0), **d))
+        patch, in_channels = d.pop("patch"), d.pop("in_channels") or f["latent_channels"]
+        model = nnx.eval_shape(lambda: DiT(in_dim=in_channels * int(np.prod(patch)),
+                                           out_dim=f["latent_channels"] * int(np.prod(patch)), rngs=nnx.Rngs(0), **d))
         ours = wm.param_shapes(model)
         out[f"manifest_keys_matched_{size}"] = matched(wan_transformer_key_map(f["dit"]), m["shapes"], ours)
         out[f"manifest_keys_total_{size}"] = len(m["shapes"])

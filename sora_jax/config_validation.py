@@ -259,6 +259,11 @@ def check_dit(cfg: ml_collections.ConfigDict):
     for name in ("text_null_token", "pooled_text", "context_flag"):
         if name in d and not isinstance(d[name], bool):
             raise _bad(f"dit.{name}", f"must be True or False, got {d[name]!r}")
+    for name in ("in_channels", "image_dim", "image_pos_len"):  # Wan 2.1 I2V; None: off
+        if d.get(name) is not None:
+            _int(d, name, "dit", 1)
+    if d.get("image_pos_len") is not None and d.get("image_dim") is None:
+        raise _bad("dit.image_pos_len", "is set but dit.image_dim is not (positions of which image tokens?)")
     try:
         jnp.dtype(d.dtype)
     except TypeError:

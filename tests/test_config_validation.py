@@ -151,3 +151,16 @@ def test_generate_refuses_bad_requests_before_loading(flags, text, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert text in err and err.count("\n") == 0
     assert not (tmp_path / "run").exists()
+
+
+def test_image_to_video_fields_are_checked():
+    """Wan 2.1 I2V's DiT fields, which only imported runs carry (None: off)."""
+    cfg = _cfg()
+    cfg.dit.in_channels, cfg.dit.image_dim, cfg.dit.image_pos_len = None, None, None
+    validate_config(cfg)
+    cfg.dit.image_pos_len = 6
+    with pytest.raises(ConfigError, match="dit.image_pos_len.*image_dim is not"):
+        validate_config(cfg)
+    cfg.dit.image_pos_len, cfg.dit.in_channels = None, 0
+    with pytest.raises(ConfigError, match="dit.in_channels"):
+        validate_config(cfg)

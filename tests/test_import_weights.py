@@ -273,3 +273,47 @@ def test_restore_without_optimizer_state(imported):
 
     assert np.abs(_run(dit, tuple(read_config(run).dit.patch), ref["x1"], ref["t1"], ref["text1"])
                   - ref["out1"]).max() < 2e-5
+
+
+def make_i2v_folder(dst: pathlib.Path) -> pathlib.Path:
+    """A Wan 2.1 image-to-video pipeline folder at tiny size: ``tiny/`` with the I2V transformer of
+    ``tests/fixtures/wan/i2v/`` and the pipeline's CLIP entries in ``model_index.json`` (their
+    weights are not imported, so none are written)."""
+    shutil.copytree(TINY, dst)
+    shutil.rmtree(dst / "transformer")
+    shutil.copytree(FIX / "i2v" / "transformer", dst / "transformer")
+    index = json.loads((dst / "model_index.json").read_text())
+    index.update(_class_name="WanImageToVideoPipeline", image_encoder=["transformers", "CLIPVisionModelWithProjection"],
+                 image_processor=["transformers", "CLIPImageProcessor"])
+    (dst / "model_index.json").write_text(json.dumps(index, indent=2))
+    return dst
+
+
+def test_image_to_video_folder_imports_and_is_refused_where_it_cannot_run(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    from test_wan_dit import run_i2v
+
+    from sora_jax.inference.generate import Generator
+    from sora_jax.models.info import model_info
+    from sora_jax.stages import train_dit
+
+    src = make_i2v_folder(tmp_path / "src")
+    f = src / "transformer" / "diffusion_pytorch_model.safetensors"
+    t = load_file(str(f))
+    t["blocks.0.attn2.norm_added_q.weight"] = np.ones(24, np.float32)  # some I2V checkpoints carry it
+    save_file(t, str(f))
+    run = str(tmp_path / "run")
+    report = import_diffusers(src, run)
+    assert set(report["not_imported"]) == {"image_encoder"}
+    cfg = read_config(run)
+    validate_config(cfg)
+    assert (cfg.dit.in_channels, cfg.dit.image_dim, cfg.vae.latent_channels) == (8, 8, 4)
+    dit = build_dit(cfg)
+    restore(dit, os.path.join(run, "dit"), "dit")
+    ref = dict(np.load(FIX / "transformer_i2v_io.npz"))
+    assert np.abs(run_i2v(dit, tuple(cfg.dit.patch), ref, "i2v") - ref["i2v_out"]).max() < 2e-5
+    info = model_info(cfg)
+    assert info["params"] == info["params_analytic"] == report["components"]["transformer"]["params"]
+    for call in (lambda: Generator(cfg, run), lambda: train_dit(cfg, run, progress=False)):
+        with pytest.raises(StageError, match="image-to-video DiT.*no CLIP image encoder"):
+            call()

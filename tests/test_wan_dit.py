@@ -33,8 +33,8 @@ def wan():
     fields = dit_fields(config)
     d = dict(fields["dit"])
     patch = d.pop("patch")
-    model = DiT(in_dim=fields["latent_channels"] * int(np.prod(patch)), rngs=nnx.Rngs(0), dtype=jnp.float32,
-                **{k: v for k, v in d.items()})
+    assert d.pop("in_channels") is None  # text-to-video: reads what it predicts
+    model = DiT(in_dim=fields["latent_channels"] * int(np.prod(patch)), rngs=nnx.Rngs(0), dtype=jnp.float32, **d)
     tensors = load_file(str(FIX / "tiny" / "transformer" / "diffusion_pytorch_model.safetensors"))
     model = wm.load(model, wan_transformer_key_map(fields["dit"]), tensors, what="tiny Wan transformer")
     return model, patch, fields, tensors
@@ -137,9 +137,61 @@ def test_config_translation_refuses_what_our_dit_cannot_express():
     config = json.loads((FIX / "tiny" / "transformer" / "config.json").read_text())
     f = dit_fields(config)["dit"]
     assert f["rope_axes_dims"] == (4, 4, 4) and f["mlp_ratio"] * f["hidden_size"] == 40
-    with pytest.raises(ValueError, match="image_dim"):
-        dit_fields(dict(config, image_dim=1280, added_kv_proj_dim=5120))
+    assert (f["in_channels"], f["image_dim"], f["image_pos_len"]) == (None, None, None)
+    with pytest.raises(ValueError, match="image_dim"):  # the image branch needs both halves
+        dit_fields(dict(config, added_kv_proj_dim=24))
+    with pytest.raises(ValueError, match="added_kv_proj_dim 16 != model width 24"):
+        dit_fields(dict(config, image_dim=8, added_kv_proj_dim=16))
+    with pytest.raises(ValueError, match="in_channels 2 < out_channels 4"):
+        dit_fields(dict(config, in_channels=2, out_channels=4))
     with pytest.raises(ValueError, match="qk_norm"):
         dit_fields(dict(config, qk_norm="rms_norm"))
     with pytest.raises(ValueError, match="dit.adaln"):
         wan_transformer_key_map(dict(f, adaln="per_block"))
+
+
+def _load_variant(name):
+    config = json.loads((FIX / name / "transformer" / "config.json").read_text())
+    fields = dit_fields(config)
+    d = dict(fields["dit"])
+    patch, in_channels = d.pop("patch"), d.pop("in_channels")
+    out_dim = fields["latent_channels"] * int(np.prod(patch))
+    model = DiT(in_dim=in_channels * int(np.prod(patch)), out_dim=out_dim, rngs=nnx.Rngs(0), dtype=jnp.float32, **d)
+    tensors = load_file(str(FIX / name / "transformer" / "diffusion_pytorch_model.safetensors"))
+    return wm.load(model, wan_transformer_key_map(fields["dit"]), tensors, what=f"tiny Wan {name} transformer"), patch
+
+
+def run_i2v(model, patch, ref, name, sign=1.0):
+    """diffusers' I2V call (8-channel latents, t in [0, 1000], 512 text tokens, CLIP states) through
+    our DiT; returns the (1, 4, T, H, W) velocity. ``sign`` scales the image states."""
+    x, image, text = ref[f"{name}_x"], sign * ref[f"{name}_image"], ref[f"{name}_text"]
+    latent = np.transpose(x[0], (1, 2, 3, 0))  # (T, H, W, 8)
+    tokens, pos = patchify(latent, patch)
+    n, li = tokens.shape[0], image.shape[1]
+    v = model(jnp.asarray(tokens[None]), jnp.ones((1, n), jnp.int32), jnp.asarray(pos[None]),
+              jnp.full((1, n), ref[f"{name}_t"][0] / 1000.0, jnp.float32), jnp.asarray(text),
+              jnp.ones((1, text.shape[1]), jnp.int32), image=jnp.asarray(image),
+              image_segment_ids=jnp.ones((1, li), jnp.int32))
+    assert v.shape == (1, n, 4 * int(np.prod(patch)))  # predicts the 4 latent channels, not the 8 it reads
+    grid = [s // p for s, p in zip(latent.shape[:3], patch)]
+    return np.transpose(unpatchify(np.asarray(v[0]), grid, patch, 4), (3, 0, 1, 2))[None]
+
+
+@pytest.mark.parametrize("name", ["i2v", "flf2v"])
+def test_image_to_video_transformer_matches_diffusers(name):
+    """Wan 2.1 I2V's extras (8 input channels for 4 out; CLIP states through the image embedder and
+    the added K/V of every cross-attention; FLF2V's image positions) against diffusers."""
+    ref = dict(np.load(FIX / "transformer_i2v_io.npz"))
+    model, patch = _load_variant(name)
+    ours = run_i2v(model, patch, ref, name)
+    err = np.abs(ours - ref[f"{name}_out"]).max()
+    assert err < 2e-5, err
+    # the image branch is live: other image states change the output
+    assert np.abs(run_i2v(model, patch, ref, name, sign=-1.0) - ours).max() > 1e-3
+
+
+def test_image_context_needs_image_states():
+    model, patch = _load_variant("i2v")
+    with pytest.raises(ValueError, match="needs image and image_segment_ids"):
+        model(jnp.zeros((1, 4, 32)), jnp.ones((1, 4), jnp.int32), jnp.zeros((1, 4, 3), jnp.int32),
+              jnp.zeros((1, 4)), jnp.zeros((1, 3, 32)), jnp.ones((1, 3), jnp.int32))

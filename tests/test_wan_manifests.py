@@ -1,6 +1,7 @@
-"""The released Wan 2.1 T2V checkpoints' keys and shapes (manifests built on PyTorch's meta device
-by ``tests/fixtures/wan/ref_manifests.py``) against our models built from the same configs, with
-no weights: every key maps to a parameter of the right shape, and the parameter counts agree."""
+"""The released Wan 2.1 T2V (and I2V-14B transformer) checkpoints' keys and shapes (manifests built
+on PyTorch's meta device by ``tests/fixtures/wan/ref_manifests.py``) against our models built from
+the same configs, with no weights: every key maps to a parameter of the right shape, and the
+parameter counts agree."""
 
 import json
 import pathlib
@@ -25,15 +26,19 @@ def abstract_wan_dit(config):
     fields = dit_fields(config)
     d = dict(fields["dit"])
     patch = d.pop("patch")
-    model = nnx.eval_shape(lambda: DiT(in_dim=fields["latent_channels"] * int(np.prod(patch)),
+    in_channels = d.pop("in_channels") or fields["latent_channels"]
+    model = nnx.eval_shape(lambda: DiT(in_dim=in_channels * int(np.prod(patch)),
+                                       out_dim=fields["latent_channels"] * int(np.prod(patch)),
                                        rngs=nnx.Rngs(0), dtype=jnp.float32, **d))
     return model, fields
 
 
-@pytest.mark.parametrize("name,params", [("transformer_1_3b", 1_418_996_800), ("transformer_14b", 14_288_491_584)])
+@pytest.mark.parametrize("name,params", [("transformer_1_3b", 1_418_996_800), ("transformer_14b", 14_288_491_584),
+                                         ("transformer_i2v_14b", 16_394_878_784)])
 def test_transformer_manifest(name, params):
     m = _manifest(name)
-    assert m["params"] == params  # the manifest itself: about 1.419B and 14.29B (Wan 2.1 report)
+    # the manifest itself: about 1.419B, 14.29B and (I2V, with the image branch) 16.39B
+    assert m["params"] == params
     model, fields = abstract_wan_dit(m["config"])
     shapes = wm.param_shapes(model)
     targets = wan_transformer_key_map(fields["dit"])

@@ -26,7 +26,7 @@ from sora_jax.errors import StageError
 from sora_jax.inference.latents import load_codec
 from sora_jax.io import to_float, to_uint8
 from sora_jax.inference.text import load_text_encoder
-from sora_jax.models.factory import build_dit, latent_shape
+from sora_jax.models.factory import build_dit, image_conditioned_dit, latent_shape
 from sora_jax.train.run_folder import checkpoint_fingerprint, has_ema, paths, restore
 
 log = logging.getLogger("sora_jax")
@@ -72,10 +72,14 @@ class Generator:
         are in ``self.weights``.
 
     Raises:
-      StageError: a checkpoint is missing or does not match the config, or unknown ``weights``.
+      StageError: a checkpoint is missing or does not match the config, unknown ``weights``, or
+        an image-to-video DiT (:func:`~sora_jax.models.factory.image_conditioned_dit`).
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, weights: str | None = None):
+        why = image_conditioned_dit(cfg)
+        if why:
+            raise StageError(f"{workdir}: {why}")
         self.cfg = cfg
         self.workdir = workdir
         self.codec = load_codec(cfg, workdir)

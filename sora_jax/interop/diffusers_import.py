@@ -1,4 +1,4 @@
-"""``import-weights``: a released diffusers checkpoint folder (Wan 2.1 T2V) -> a sora-jax run folder.
+"""``import-weights``: a released diffusers checkpoint folder (Wan 2.1) -> a sora-jax run folder.
 
 The folder's layout (diffusers' ``save_pretrained`` of a pipeline): ``model_index.json`` naming
 the components, and ``transformer/``, ``vae/``, ``text_encoder/`` (each a ``config.json`` and
@@ -11,6 +11,11 @@ so ``generate`` and ``train-dit`` use it as they are:
   RUN/vae/checkpoints/0/                the VAE (item ``model``, entry ``vae``, as train-vae saves)
   RUN/text_encoder/checkpoints/0/       umT5 (item ``model``), with tokenizer/tokenizer.json
   RUN/import.json                       provenance: source files, sizes, header SHA-256, dtype
+
+Wan 2.1's image-to-video folders (I2V-14B, FLF2V-14B) import too: their transformer, with its
+image embedder, added K/V and 36 input channels, VAE and umT5. Their CLIP ``image_encoder`` is
+not imported (this project has no CLIP model); ``import.json`` lists it under ``not_imported``,
+and ``generate`` / ``train-dit`` refuse such a run with a message saying so.
 
 Order of work: every component's config is translated and every key map is checked against the
 checkpoint headers (no tensor read) first, so a checkpoint that does not fit fails with one
@@ -45,7 +50,7 @@ from sora_jax.errors import StageError
 from sora_jax.models import weight_map as wm
 from sora_jax.models.factory import build_dit, build_umt5, build_wan_vae
 from sora_jax.models.umt5 import UMT5Config, embedding_key, umt5_ignored_keys, umt5_key_map
-from sora_jax.models.wan_dit import dit_fields, wan_transformer_key_map
+from sora_jax.models.wan_dit import dit_fields, wan_transformer_ignored_keys, wan_transformer_key_map
 from sora_jax.models.wan_vae import WAN_VAE_IGNORED_KEYS, WanVAEConfig, wan_vae_key_map
 from sora_jax.parallel.axes import DEFAULT_RULES
 from sora_jax.parallel.sharding import state_shardings
@@ -65,6 +70,8 @@ COMPONENT_CLASSES = {
     "text_encoder": "UMT5EncoderModel",
 }
 DTYPES = ("float32", "bfloat16")
+# model_index.json entries that carry no weights to import
+_NO_WEIGHTS = ("tokenizer", "scheduler", "image_processor")
 
 
 def text_encoder_dir(workdir: str) -> str:
@@ -177,7 +184,8 @@ def _components(src: pathlib.Path, cfg: ml_collections.ConfigDict, out: str) -> 
     embedding = embedding_key(text_reader)  # transformers may save the tied table under either name
     return [
         _Component("transformer", src / "transformer", SafetensorsReader(src / "transformer"),
-                   lambda: nnx.eval_shape(lambda: build_dit(cfg)), wan_transformer_key_map(cfg.dit), (),
+                   lambda: nnx.eval_shape(lambda: build_dit(cfg)), wan_transformer_key_map(cfg.dit),
+                   wan_transformer_ignored_keys(cfg.dit),
                    os.path.join(p["dit"], "checkpoints")),
         _Component("vae", src / "vae", SafetensorsReader(src / "vae"),
                    lambda: nnx.eval_shape(lambda: build_wan_vae(cfg)),
@@ -215,7 +223,8 @@ def import_diffusers(src: str | os.PathLike, workdir: str, *, dtype: str = "floa
     Returns:
       the report written to ``RUN/import.json``: per component its files, bytes, tensors,
       parameters, seconds and ``sharded_params`` (parameters placed split over several devices;
-      0 without a mesh); the totals; and the dtype.
+      0 without a mesh); the totals; the dtype; and ``not_imported``: the model_index entries
+      with weights this importer does not read (an I2V folder's CLIP ``image_encoder``).
 
     Raises:
       StageError: not a folder this importer reads, an existing non-empty ``workdir``, an
@@ -244,7 +253,12 @@ def import_diffusers(src: str | os.PathLike, workdir: str, *, dtype: str = "floa
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     target_dtype = jnp.dtype(dtype)
-    report: dict[str, Any] = {"source": str(src.resolve()), "model_index": index, "dtype": dtype, "components": {}}
+    skipped = {k: v for k, v in index.items()
+               if not k.startswith("_") and k not in COMPONENT_CLASSES and k not in _NO_WEIGHTS and v and v[0]}
+    for name, entry in skipped.items():
+        log.warning("import-weights: %s (%s) is not imported: sora-jax has no such model", name, entry[-1])
+    report: dict[str, Any] = {"source": str(src.resolve()), "model_index": index, "dtype": dtype, "components": {},
+                              "not_imported": skipped}
     try:
         for c in comps:
             t0 = time.perf_counter()

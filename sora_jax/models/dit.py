@@ -33,6 +33,7 @@ from flax import nnx
 
 from sora_jax.models.condition_groups import DEFAULT_MAX_GROUPS, GroupedConditioning
 from sora_jax.models.context_parallel import attention as context_attention
+from sora_jax.models.image_context import ImageEmbedder
 from sora_jax.parallel.axes import BATCH, EMBED, HEADS, IN_FEATURES, LAYERS, LENGTH, MLP as MLP_AXIS, NORM
 from sora_jax.parallel.sharding import constrain, partitioned
 from sora_jax.models.layers import (MLP, AdaLNModulation, RMSNorm, TimestepEmbedder,
@@ -115,12 +116,19 @@ class CrossAttention(nnx.Module):
     (caption dropout; the unconditional branch of classifier-free guidance, Ho & Salimans
     2022) would have an empty softmax; with it, "no text" is a learned, defined state.
 
+    With ``image_context`` (Wan 2.1 I2V), a second key/value set over image-encoder tokens
+    (already at model width, :class:`~sora_jax.models.image_context.ImageEmbedder`) is
+    attended with the same queries, its keys RMS-normed as the text keys, and the two
+    attention outputs are summed before the output projection.
+
     Call: x (B, L, hidden), text (B, Lt, hidden), segment_ids (B, L),
-    text_segment_ids (B, Lt) -> (B, L, hidden).
+    text_segment_ids (B, Lt), and with ``image_context`` image (B, Li, hidden),
+    image_segment_ids (B, Li) -> (B, L, hidden).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, qk_norm: bool | str = True,
-                 null_token: bool = True, backend: str = "xla", rngs: nnx.Rngs, dtype=None):
+                 null_token: bool = True, image_context: bool = False, backend: str = "xla",
+                 rngs: nnx.Rngs, dtype=None):
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.backend = backend
@@ -131,8 +139,13 @@ class CrossAttention(nnx.Module):
         self.null_token = nnx.Param(
             partitioned(nnx.initializers.normal(0.02), (NORM,))(rngs.params(), (hidden_size,), jnp.float32)
         ) if null_token else None
+        if image_context:
+            self.image_kv = dense(hidden_size, 2 * hidden_size, dtype=dtype, rngs=rngs, axes=(EMBED, HEADS))
+            self.image_k_norm = _qk_norms(qk_norm, hidden_size, self.head_dim)[1]
+        else:
+            self.image_kv = self.image_k_norm = None
 
-    def __call__(self, x, text, segment_ids, text_segment_ids):
+    def __call__(self, x, text, segment_ids, text_segment_ids, image=None, image_segment_ids=None):
         b, l, _ = x.shape
         if self.null_token is not None:
             null = jnp.broadcast_to(self.null_token[...].astype(text.dtype), (b, 1, text.shape[-1]))
@@ -149,6 +162,13 @@ class CrossAttention(nnx.Module):
             q, k = _qk_normalize(self.q_norm, q), _qk_normalize(self.k_norm, k)
         o = context_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
                               kv_always_visible=always, gather_kv=False, backend=self.backend)
+        if self.image_kv is not None:
+            li = image.shape[1]
+            ki, vi = jnp.split(self.image_kv(image).reshape(b, li, 2 * self.num_heads, self.head_dim), 2, axis=2)
+            if self.image_k_norm is not None:
+                ki = _qk_normalize(self.image_k_norm, ki)
+            o = o + context_attention(q, ki, vi, q_segment_ids=segment_ids, kv_segment_ids=image_segment_ids,
+                                      gather_kv=False, backend=self.backend)
         return self.proj(o.reshape(b, l, -1))
 
 
@@ -160,7 +180,8 @@ class DiTBlock(nnx.Module):
     and MLP branches, whose gates are zero-initialised (Peebles & Xie 2023 §3.2).
 
     Call: x (B, L, hidden), c, cos/sin (B, L, Dh), segment_ids (B, L), text (B, Lt, hidden),
-    text_segment_ids (B, Lt) -> (B, L, hidden). c is the conditioning vector (B, L, hidden)
+    text_segment_ids (B, Lt), and with ``image_context`` image (B, Li, hidden),
+    image_segment_ids (B, Li) -> (B, L, hidden). c is the conditioning vector (B, L, hidden)
     or a :class:`~sora_jax.models.condition_groups.GroupedConditioning` (the modulation is
     then computed per group). With ``shared_adaln``, c is instead the shared modulation
     (B, L, 6 * hidden), to which the block adds its own learned (6, hidden) table
@@ -169,16 +190,16 @@ class DiTBlock(nnx.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, *, mlp_ratio: float = 4.0,
                  qk_norm: bool | str = True, cross_attention: bool = True, backend: str = "xla",
-                 shared_adaln: bool = False, text_null_token: bool = True, rngs: nnx.Rngs,
-                 dtype=None):
+                 shared_adaln: bool = False, text_null_token: bool = True, image_context: bool = False,
+                 rngs: nnx.Rngs, dtype=None):
         self.norm1 = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
         self.attn = SelfAttention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend,
                                   rngs=rngs, dtype=dtype)
         if cross_attention:  # off in the class-conditional DiT of Peebles & Xie
             self.norm_cross = layer_norm(hidden_size, affine=True, rngs=rngs, dtype=dtype)
             self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm,
-                                             null_token=text_null_token, backend=backend,
-                                             rngs=rngs, dtype=dtype)
+                                             null_token=text_null_token, image_context=image_context,
+                                             backend=backend, rngs=rngs, dtype=dtype)
         else:
             self.norm_cross = self.cross_attn = None
         self.norm2 = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
@@ -191,7 +212,7 @@ class DiTBlock(nnx.Module):
             self.adaln = AdaLNModulation(hidden_size, hidden_size, 6, rngs=rngs, dtype=dtype)
             self.modulation = None
 
-    def __call__(self, x, c, cos, sin, segment_ids, text, text_segment_ids):
+    def __call__(self, x, c, cos, sin, segment_ids, text, text_segment_ids, image=None, image_segment_ids=None):
         if self.adaln is not None:
             mod = (c.apply(self.adaln.project) if isinstance(c, GroupedConditioning)
                    else self.adaln.project(c))
@@ -202,7 +223,8 @@ class DiTBlock(nnx.Module):
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin,
                                   segment_ids)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.norm_cross(x), text, segment_ids, text_segment_ids)
+            x = x + self.cross_attn(self.norm_cross(x), text, segment_ids, text_segment_ids, image,
+                                    image_segment_ids)
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
 
@@ -294,7 +316,9 @@ class DiT(nnx.Module):
     """Diffusion transformer predicting rectified-flow velocity for packed tokens.
 
     Args:
-      in_dim: token width pt*ph*pw*c (input and output).
+      in_dim: input token width pt*ph*pw*c.
+      out_dim: output (velocity) token width; None: ``in_dim``. Wan 2.1 I2V takes 36 channels
+        (16 noisy latent, 4 mask, 16 first-frame latent) and predicts 16.
       hidden_size, depth, num_heads, mlp_ratio: transformer shape.
       text_dim: width of the text-encoder states (384 for all-MiniLM-L6-v2).
       qk_norm: RMS-normalise queries and keys per head (learned scale).
@@ -341,6 +365,11 @@ class DiT(nnx.Module):
       context_flag: a learned embedding added to clean context tokens (``cond_mask``; our
         image / video prompts). False: none (Wan 2.1, whose I2V conditions otherwise); context
         tokens are then told apart by their t = 0 alone.
+      image_dim: None, or the width of image-encoder states (Wan 2.1 I2V / FLF2V: CLIP
+        ViT-H/14's 1280): an :class:`~sora_jax.models.image_context.ImageEmbedder` maps them to
+        model width and every cross-attention attends them with a second key/value set.
+      image_pos_len: with ``image_dim``, None or the image tokens per example, which then get a
+        learned position table (FLF2V: 2 x 257).
       rngs: NNX random streams.
 
     Wan 2.1's transformer (diffusers ``WanTransformer3DModel``) is this class with
@@ -359,8 +388,8 @@ class DiT(nnx.Module):
     CFG unconditional branch see only the timestep).
 
     Raises:
-      ValueError: if hidden_size % num_heads != 0, or the RoPE split does not sum to the
-        head dimension.
+      ValueError: if hidden_size % num_heads != 0, the RoPE split does not sum to the
+        head dimension, or image context is asked of a class-conditional model.
     """
 
     def __init__(self, *, in_dim: int, hidden_size: int, depth: int, num_heads: int,
@@ -371,6 +400,7 @@ class DiT(nnx.Module):
                  remat_policy: str = "nothing_saveable", adaln: str = "per_block",
                  condition_groups: int = DEFAULT_MAX_GROUPS, text_null_token: bool = True,
                  pooled_text: bool = True, final_modulation: str = "linear", context_flag: bool = True,
+                 out_dim: int | None = None, image_dim: int | None = None, image_pos_len: int | None = None,
                  rngs: nnx.Rngs):
         if condition_groups < 0:
             raise ValueError(f"condition_groups must be >= 0, got {condition_groups}")
@@ -385,12 +415,15 @@ class DiT(nnx.Module):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} not divisible by num_heads {num_heads}")
         qk_norm_scope(qk_norm)  # raises on an unknown setting
+        if image_dim and num_classes:
+            raise ValueError("image context (image_dim) needs a text-conditioned DiT (num_classes 0)")
         head_dim = hidden_size // num_heads
         axes = tuple(rope_axes_dims) if rope_axes_dims is not None else default_rope_axes_dims(head_dim)
         if len(axes) != 3 or sum(axes) != head_dim or any(a % 2 for a in axes):
             raise ValueError(f"rope_axes_dims {axes} must be 3 even ints summing to "
                              f"head_dim {head_dim}")
         self.in_dim, self.hidden_size, self.depth = in_dim, hidden_size, depth
+        self.out_dim = out_dim or in_dim
         self.num_heads, self.text_dim = num_heads, text_dim
         self.rope_axes_dims, self.rope_theta = axes, rope_theta
         self.remat, self.remat_policy, self.scan_layers = remat, remat_policy, scan_layers
@@ -414,11 +447,14 @@ class DiT(nnx.Module):
                                   dtype=dtype, in_axis=IN_FEATURES)
             self.pooled_text_embed = dense(text_dim, hidden_size, dtype=dtype, rngs=rngs,
                                            axes=(IN_FEATURES, EMBED)) if pooled_text else None
+        self.image_embed = (ImageEmbedder(image_dim, hidden_size, pos_len=image_pos_len, rngs=rngs, dtype=dtype)
+                            if image_dim else None)
+
         def make_block(rngs):
             return DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm,
                             cross_attention=not num_classes, backend=attention_backend,
                             shared_adaln=adaln == "single", text_null_token=text_null_token,
-                            rngs=rngs, dtype=dtype)
+                            image_context=bool(image_dim), rngs=rngs, dtype=dtype)
 
         # adaLN-single: the one Linear every block's modulation comes from (zero: gates start at 0)
         self.t_modulation = (dense(hidden_size, 6 * hidden_size, zero=True, dtype=dtype, rngs=rngs,
@@ -433,10 +469,10 @@ class DiT(nnx.Module):
                 transform_metadata={nnx.PARTITION_NAME: LAYERS}))(rngs)
         else:
             self.blocks = nnx.List([make_block(rngs) for _ in range(depth)])
-        self.final = FinalLayer(hidden_size, in_dim, modulation=final_modulation, rngs=rngs, dtype=dtype)
+        self.final = FinalLayer(hidden_size, self.out_dim, modulation=final_modulation, rngs=rngs, dtype=dtype)
 
     @classmethod
-    def from_config(cls, cfg: Any, in_dim: int, rngs: nnx.Rngs) -> "DiT":
+    def from_config(cls, cfg: Any, in_dim: int, rngs: nnx.Rngs, out_dim: int | None = None) -> "DiT":
         """Builds a DiT from the ``dit`` config section (a ConfigDict or mapping).
 
         Fields (all required; ``configs/quickstart.py`` documents them): hidden_size, depth,
@@ -447,7 +483,9 @@ class DiT(nnx.Module):
         optional (default :data:`~sora_jax.models.condition_groups.DEFAULT_MAX_GROUPS`; it
         changes no parameter, so configs saved before it existed still build); so are
         text_null_token, pooled_text, context_flag (default True) and final_modulation
-        (default "linear"), which configs saved before the Wan options lack.
+        (default "linear"), which configs saved before the Wan options lack, and image_dim,
+        image_pos_len (default None; Wan 2.1 I2V). ``out_dim``: the output token width when it
+        differs from ``in_dim``.
 
         Raises:
           KeyError: a field is missing.
@@ -466,12 +504,14 @@ class DiT(nnx.Module):
                    pooled_text=cfg.get("pooled_text", True),
                    final_modulation=cfg.get("final_modulation", "linear"),
                    context_flag=cfg.get("context_flag", True),
+                   out_dim=out_dim, image_dim=cfg.get("image_dim"), image_pos_len=cfg.get("image_pos_len"),
                    dtype=jnp.dtype(cfg["dtype"]), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
                  timesteps: jax.Array, text: jax.Array | None = None,
                  text_segment_ids: jax.Array | None = None, cond_mask: jax.Array | None = None,
-                 labels: jax.Array | None = None) -> jax.Array:
+                 labels: jax.Array | None = None, image: jax.Array | None = None,
+                 image_segment_ids: jax.Array | None = None) -> jax.Array:
         """Predicts velocity.
 
         Args:
@@ -485,13 +525,15 @@ class DiT(nnx.Module):
             :mod:`sora_jax.diffusion.conditioning`); they get a learned flag embedding.
           labels: (B, L) int32 class of each token's example, ``num_classes`` = null class;
             class-conditional models only (which take no text).
+          image: (B, Li, image_dim) float image-encoder states; models with ``image_dim`` only.
+          image_segment_ids: (B, Li) int32 segment of each image token; 0 = padding.
 
         Raises:
-          ValueError: text missing for a text-conditioned model, or labels for a
-            class-conditional one.
+          ValueError: text missing for a text-conditioned model, labels for a
+            class-conditional one, or image states for a model with ``image_dim``.
 
         Returns:
-          (B, L, in_dim) float32 velocity v = noise - x0. Padding tokens get finite values
+          (B, L, out_dim) float32 velocity v = noise - x0. Padding tokens get finite values
           that carry no meaning.
         """
         x = self.x_embed(tokens)
@@ -502,6 +544,8 @@ class DiT(nnx.Module):
                 raise ValueError("a class-conditional DiT needs labels")
         elif text is None or text_segment_ids is None:
             raise ValueError("a text-conditioned DiT needs text and text_segment_ids")
+        if self.image_embed is not None and (image is None or image_segment_ids is None):
+            raise ValueError("this DiT has image context (image_dim): it needs image and image_segment_ids")
 
         def embed(seg, t, lab):  # the conditioning vector c of (segment, timestep, label) values
             c = self.t_embed(t)
@@ -520,6 +564,8 @@ class DiT(nnx.Module):
         x = constrain(x, token_axes)
         if ctx is not None:
             ctx = constrain(ctx, (BATCH, None, None))
+        img = None if self.image_embed is None else constrain(self.image_embed(image), (BATCH, None, None))
+        img_seg = None if img is None else image_segment_ids
         if self.pos_embed == "sincos":
             x = x + sincos_3d(positions, self.hidden_size).astype(x.dtype)
             cos = sin = None
@@ -531,7 +577,8 @@ class DiT(nnx.Module):
         policy = REMAT_POLICIES[self.remat_policy]
         if self.scan_layers:
             def layer(x, block):
-                return constrain(block(x, mod, cos, sin, segment_ids, ctx, text_segment_ids), token_axes)
+                return constrain(block(x, mod, cos, sin, segment_ids, ctx, text_segment_ids, img, img_seg),
+                                 token_axes)
 
             if self.remat:
                 layer = nnx.remat(layer, policy=policy)
@@ -539,7 +586,7 @@ class DiT(nnx.Module):
                          transform_metadata={nnx.PARTITION_NAME: LAYERS})(x, self.blocks)
         else:
             for block in self.blocks:
-                args = (x, mod, cos, sin, segment_ids, ctx, text_segment_ids)
+                args = (x, mod, cos, sin, segment_ids, ctx, text_segment_ids, img, img_seg)
                 x = (nnx.remat(_apply_block, policy=policy)(block, *args) if self.remat
                      else block(*args))
                 x = constrain(x, token_axes)
@@ -555,7 +602,8 @@ def dit_param_count_analytic(*, in_dim: int, hidden_size: int, depth: int, num_h
                              mlp_ratio: float = 4.0, text_dim: int = 384, qk_norm: bool | str = True,
                              num_classes: int = 0, adaln: str = "per_block", text_null_token: bool = True,
                              pooled_text: bool = True, final_modulation: str = "linear",
-                             context_flag: bool = True, **_unused) -> int:
+                             context_flag: bool = True, out_dim: int | None = None, image_dim: int | None = None,
+                             image_pos_len: int | None = None, **_unused) -> int:
     """Parameters of :class:`DiT` in closed form (equals :func:`dit_param_count` exactly).
 
     Per block: self-attention qkv + out (4h^2 + 4h), MLP (2hm + m + h), adaLN-Zero
@@ -566,18 +614,27 @@ def dit_param_count_analytic(*, in_dim: int, hidden_size: int, depth: int, num_h
     the caption MLP, and the pooled-text Linear) or the (num_classes + 1) x h label table (class
     models). ``adaln="single"``: per block a (6, h) table instead of the adaLN Linear, and one
     shared Linear (6h^2 + 6h). ``text_null_token`` / ``pooled_text`` / ``context_flag`` False
-    drop those parameters (Wan 2.1).
+    drop those parameters (Wan 2.1). ``out_dim`` (default ``in_dim``) sizes the output Linear.
+    ``image_dim`` (Wan 2.1 I2V): the image embedder (two affine LayerNorms 2 i + 2h, Linears
+    i^2 + i and i h + h, a position table ``image_pos_len`` x i) and per block the image k/v
+    (2h^2 + 2h) and its k-norm.
     """
     h, m, hd = hidden_size, mlp_width(hidden_size, mlp_ratio), hidden_size // num_heads
+    out_dim = out_dim or in_dim
     scope = qk_norm_scope(qk_norm)
     norm = 0 if scope is None else 2 * (hd if scope == "per_head" else h)
     modulation = 6 * h if adaln == "single" else 6 * h * h + 6 * h
     block = 4 * h * h + 4 * h + 2 * h * m + m + h + modulation + norm
     if not num_classes:
         block += 4 * h * h + 4 * h + (h if text_null_token else 0) + 2 * h + norm
+    if image_dim:
+        block += 2 * h * h + 2 * h + norm // 2
     final = 2 * h if final_modulation == "table" else 2 * h * h + 2 * h
     outer = (in_dim * h + h + (h if context_flag else 0) + (256 * h + h + h * h + h) + final
-             + (h * in_dim + in_dim))
+             + (h * out_dim + out_dim))
+    if image_dim:
+        i = image_dim
+        outer += 2 * i + (i * i + i) + (i * h + h) + 2 * h + (image_pos_len or 0) * i
     if adaln == "single":
         outer += 6 * h * h + 6 * h
     if num_classes:
@@ -590,7 +647,8 @@ def dit_param_count_analytic(*, in_dim: int, hidden_size: int, depth: int, num_h
 def dit_flops_per_token(*, in_dim: int, hidden_size: int, depth: int, mlp_ratio: float = 4.0,
                         text_dim: int = 384, seq_len: int, text_len: int,
                         cross_attention: bool = True, adaln: str = "per_block",
-                        condition_groups: int = 0, distinct_conditions: int = 1) -> float:
+                        condition_groups: int = 0, distinct_conditions: int = 1, out_dim: int | None = None,
+                        image_dim: int = 0, image_len: int = 0) -> float:
     """Analytic forward FLOPs per latent token (2 per multiply-add; matmuls only).
 
     Counts the patch / timestep / pooled-text embeddings, per block the qkv, self-attention
@@ -606,8 +664,13 @@ def dit_flops_per_token(*, in_dim: int, hidden_size: int, depth: int, mlp_ratio:
     MLP, pooled text, every adaLN Linear) runs on ``distinct_conditions`` values per row,
     amortised over ``seq_len``, and each per-token modulation is a one-hot gather from K
     group rows (2 K width FLOPs per token). 0: all of it per token.
+
+    ``out_dim`` (default ``in_dim``): the output token width. ``image_dim`` / ``image_len``
+    (Wan 2.1 I2V): per block the scores and values over ``image_len`` image tokens, and the image
+    k/v and embedder amortised over ``seq_len``.
     """
     h, m = hidden_size, mlp_width(hidden_size, mlp_ratio)
+    out_dim = out_dim or in_dim
     per_token = 1.0
     gather = 0.0  # one-hot matmul FLOPs per token for each per-token modulation of width w
     if 0 < condition_groups < seq_len:
@@ -623,5 +686,8 @@ def dit_flops_per_token(*, in_dim: int, hidden_size: int, depth: int, mlp_ratio:
         per_block += 2 * (text_len + 1) * h * 2 * h / seq_len  # cross k/v, amortised
         embed += 2 * text_dim * h * per_token  # pooled text
         embed += (2 * text_dim * h + 2 * h * h) * text_len / seq_len  # text MLP, amortised
-    final = 2 * h * 2 * h * per_token + gather * 2 * h + 2 * h * in_dim
+    if cross_attention and image_dim and image_len:
+        per_block += 2 * 2 * image_len * h + 2 * image_len * h * 2 * h / seq_len  # image scores; k/v
+        embed += (2 * image_dim * image_dim + 2 * image_dim * h) * image_len / seq_len  # image embedder
+    final = 2 * h * 2 * h * per_token + gather * 2 * h + 2 * h * out_dim
     return float(embed + depth * per_block + final)

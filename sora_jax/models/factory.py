@@ -21,7 +21,7 @@ from sora_jax.models.vae import CausalVAE
 from sora_jax.models.wan_vae import WanVAE, WanVAEConfig
 
 __all__ = ["TEXT_ENCODERS", "VAE_KINDS", "build_dit", "build_umt5", "build_vae", "build_wan_vae", "dit_in_dim",
-           "latent_shape", "text_encoder", "wan_vae_config"]
+           "dit_out_dim", "image_conditioned_dit", "latent_shape", "text_encoder", "wan_vae_config"]
 
 # vae.kind: "causal" = CausalVAE; "identity" = IdentityAutoencoder (pixel-space mode); "wan" =
 # the Wan 2.1 video VAE (imported weights, sora_jax.models.wan_vae)
@@ -78,15 +78,36 @@ def build_wan_vae(cfg: ml_collections.ConfigDict) -> WanVAE:
 
 
 def dit_in_dim(cfg: ml_collections.ConfigDict) -> int:
-    """Width of one DiT input token: pt * ph * pw * latent channels."""
+    """Width of one DiT input token: pt * ph * pw * input channels (``dit.in_channels`` where set,
+    e.g. Wan 2.1 I2V's 36; otherwise the latent channels)."""
+    pt, ph, pw = cfg.dit.patch
+    return pt * ph * pw * (cfg.dit.get("in_channels") or cfg.vae.latent_channels)
+
+
+def dit_out_dim(cfg: ml_collections.ConfigDict) -> int:
+    """Width of one DiT output (velocity) token: pt * ph * pw * latent channels."""
     pt, ph, pw = cfg.dit.patch
     return pt * ph * pw * cfg.vae.latent_channels
+
+
+def image_conditioned_dit(cfg: ml_collections.ConfigDict) -> str | None:
+    """None for a DiT that our training and sampling run (text-to-video, tokens in = tokens out);
+    otherwise what they lack, in words (Wan 2.1 I2V: extra input channels and CLIP image states,
+    which need an image encoder this project does not have)."""
+    d = cfg.dit
+    extra = [f"dit.{k}={d.get(k)}" for k in ("in_channels", "image_dim") if d.get(k)]
+    if not extra or (extra == [f"dit.in_channels={d.get('in_channels')}"]
+                     and d.get("in_channels") == cfg.vae.latent_channels):
+        return None
+    return (f"this is an image-to-video DiT ({', '.join(extra)}; Wan 2.1 I2V): sora-jax imports its weights and "
+            "computes its forward pass, but has no CLIP image encoder and no I2V conditioning latents to train or "
+            "sample it")
 
 
 def build_dit(cfg: ml_collections.ConfigDict) -> DiT:
     """The DiT of ``cfg.dit`` over ``cfg``'s latent patches, untrained; parameters drawn from
     ``nnx.Rngs(cfg.seed + 1)``. Under ``nnx.eval_shape`` it allocates nothing."""
-    return DiT.from_config(cfg.dit, dit_in_dim(cfg), rngs=nnx.Rngs(cfg.seed + 1))
+    return DiT.from_config(cfg.dit, dit_in_dim(cfg), rngs=nnx.Rngs(cfg.seed + 1), out_dim=dit_out_dim(cfg))
 
 
 @functools.lru_cache(maxsize=2)

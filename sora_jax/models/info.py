@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 
 from sora_jax.models.dit import dit_flops_per_token, dit_param_count_analytic
-from sora_jax.models.factory import build_dit, dit_in_dim, latent_shape
+from sora_jax.models.factory import build_dit, dit_in_dim, dit_out_dim, latent_shape
+from sora_jax.models.image_context import CLIP_IMAGE_TOKENS
 
 
 def _tokens(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -48,17 +49,22 @@ def xla_forward_flops(cfg: ml_collections.ConfigDict, seq_len: int, text_len: in
     d = cfg.dit
     in_dim = model.in_dim
 
-    def forward(state, tokens, seg, pos, t, text, tseg, labels):
+    image_len = (d.get("image_pos_len") or CLIP_IMAGE_TOKENS) if d.get("image_dim") else 0
+
+    def forward(state, tokens, seg, pos, t, text, tseg, labels, image):
         m = nnx.merge(graphdef, state)
         if d.num_classes:
             return m(tokens, seg, pos, t, labels=labels)
+        if image is not None:
+            return m(tokens, seg, pos, t, text, tseg, image=image,
+                     image_segment_ids=jnp.ones((1, image_len), jnp.int32))
         return m(tokens, seg, pos, t, text, tseg)
 
     S = jax.ShapeDtypeStruct
     args = (state, S((1, seq_len, in_dim), jnp.float32), S((1, seq_len), jnp.int32),
             S((1, seq_len, 3), jnp.int32), S((1, seq_len), jnp.float32),
             S((1, text_len, d.text_dim), jnp.float32), S((1, text_len), jnp.int32),
-            S((1, seq_len), jnp.int32))
+            S((1, seq_len), jnp.int32), S((1, image_len, d.image_dim), jnp.float32) if image_len else None)
     flops = compiled_flops(jax.jit(forward).lower(*args).compile())
     if flops is None:
         raise RuntimeError("this backend reports no XLA cost analysis")
@@ -88,12 +94,17 @@ def model_info(cfg: ml_collections.ConfigDict, *, xla: bool = False,
     params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
     kw = {k: d[k] for k in ("hidden_size", "depth", "num_heads")}
     kw.update(mlp_ratio=d.mlp_ratio, text_dim=d.text_dim, adaln=d.adaln)
-    wan_options = {k: d[k] for k in ("text_null_token", "pooled_text", "final_modulation", "context_flag") if k in d}
-    analytic = dit_param_count_analytic(in_dim=in_dim, qk_norm=d.qk_norm,
+    wan_options = {k: d[k] for k in ("text_null_token", "pooled_text", "final_modulation", "context_flag",
+                                     "image_dim", "image_pos_len") if k in d}
+    out_dim = dit_out_dim(cfg)
+    analytic = dit_param_count_analytic(in_dim=in_dim, qk_norm=d.qk_norm, out_dim=out_dim,
                                         num_classes=d.num_classes, **kw, **wan_options)
     kw.pop("num_heads")
-    flops_kw = dict(in_dim=in_dim, seq_len=seq_len, text_len=text_len,
-                    cross_attention=not d.num_classes, **kw)
+    image = {}
+    if d.get("image_dim"):  # CLIP states per example: the position table's length, else one image's
+        image = dict(image_dim=d.image_dim, image_len=d.get("image_pos_len") or CLIP_IMAGE_TOKENS)
+    flops_kw = dict(in_dim=in_dim, out_dim=out_dim, seq_len=seq_len, text_len=text_len,
+                    cross_attention=not d.num_classes, **kw, **image)
     flops = dit_flops_per_token(condition_groups=d.get("condition_groups", 0), **flops_kw)
     info = {"name": cfg.name, "params": params, "params_analytic": analytic,
             "flops_per_token": flops, "train_flops_per_token": 3 * flops, "seq_len": seq_len,

@@ -16,6 +16,12 @@ per-axis angle list. Reordering each head's query and key features as (0, 2, 4, 
 applied to both q and k; the across-heads RMS norm is permutation-equivariant once its scale
 is permuted too. The key map applies that permutation to to_q / to_k (weights and biases) and
 norm_q / norm_k of the self-attention; cross-attention has no RoPE and is copied as it is.
+
+The image-to-video models (I2V-14B; FLF2V-14B adds image positions) take 36 input channels
+(noisy latent, mask, first-frame latent) and predict 16, and attend CLIP ViT-H/14 states
+through an image embedder and added key / value projections in every cross-attention: the DiT
+options ``out_dim``, ``image_dim`` and ``image_pos_len``
+(:mod:`sora_jax.models.image_context`), mapped here like the rest.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from sora_jax.models import weight_map as wm
 __all__ = [
     "WAN_QK_NORM",
     "dit_fields",
+    "wan_transformer_ignored_keys",
     "rope_pair_permutation",
     "wan_rope_axes_dims",
     "wan_transformer_key_map",
@@ -56,20 +63,24 @@ def dit_fields(config: Mapping[str, Any]) -> dict[str, Any]:
     ``WanTransformer3DModel`` ``config.json``.
 
     Returns:
-      dict with ``dit`` (the fields of our ``dit`` config section) and ``latent_channels``.
+      dict with ``dit`` (the fields of our ``dit`` config section; ``in_channels`` is None
+      unless the model takes more channels than it predicts, as I2V's 36 for 16) and
+      ``latent_channels`` (the output channels: the VAE's).
 
     Raises:
-      ValueError: a setting our DiT cannot express (in != out channels, a QK-norm other than
-        across heads, no cross-attention norm, a timestep width other than 256, an epsilon
-        other than 1e-6, the image-conditioning extras of the I2V / FLF2V models), naming it.
+      ValueError: a setting our DiT cannot express (fewer input than output channels, a
+        QK-norm other than across heads, no cross-attention norm, a timestep width other than
+        256, an epsilon other than 1e-6, added K/V projections without an image embedder or of
+        another width than the model), naming it.
     """
     c = dict(config)
     problems = []
     heads, head_dim = int(c["num_attention_heads"]), int(c["attention_head_dim"])
     hidden = heads * head_dim
     in_ch, out_ch = int(c["in_channels"]), int(c.get("out_channels") or c["in_channels"])
-    if in_ch != out_ch:
-        problems.append(f"in_channels {in_ch} != out_channels {out_ch} (our DiT predicts its input width)")
+    if in_ch < out_ch:
+        problems.append(f"in_channels {in_ch} < out_channels {out_ch} (extra input channels are conditioning; "
+                        "fewer than the output has no meaning here)")
     if c.get("qk_norm", WAN_QK_NORM) != WAN_QK_NORM:
         problems.append(f"qk_norm {c.get('qk_norm')!r} (only {WAN_QK_NORM!r})")
     if not c.get("cross_attn_norm", True):
@@ -78,10 +89,14 @@ def dit_fields(config: Mapping[str, Any]) -> dict[str, Any]:
         problems.append(f"freq_dim {c.get('freq_dim')} (our timestep embedding is 256 wide)")
     if abs(float(c.get("eps", 1e-6)) - 1e-6) > 1e-12:
         problems.append(f"eps {c.get('eps')} (our norms use 1e-6)")
-    for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
-        if c.get(key) is not None:
-            problems.append(f"{key}={c[key]}: the image-conditioning branch of Wan's I2V / FLF2V "
-                            "models is not implemented here yet")
+    image_dim, added_kv, pos_len = (c.get(k) for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"))
+    if added_kv is not None and int(added_kv) != hidden:
+        problems.append(f"added_kv_proj_dim {added_kv} != model width {hidden} (the added K/V read the image "
+                        "embedder's output, which is model-wide)")
+    if (added_kv is None) != (image_dim is None):
+        problems.append(f"image_dim {image_dim} with added_kv_proj_dim {added_kv}: the image branch needs both")
+    if pos_len is not None and image_dim is None:
+        problems.append(f"pos_embed_seq_len {pos_len} without image_dim")
     if problems:
         raise ValueError("this Wan transformer config cannot be expressed by our DiT: " + "; ".join(problems))
     patch = tuple(int(p) for p in c["patch_size"])
@@ -91,8 +106,11 @@ def dit_fields(config: Mapping[str, Any]) -> dict[str, Any]:
         adaln="single", rope_axes_dims=wan_rope_axes_dims(head_dim), rope_theta=10000.0,
         pos_embed="rope", num_classes=0, text_null_token=False, pooled_text=False,
         final_modulation="table", context_flag=False,
+        in_channels=in_ch if in_ch != out_ch else None,
+        image_dim=int(image_dim) if image_dim is not None else None,
+        image_pos_len=int(pos_len) if pos_len is not None else None,
     )
-    return dict(dit=dit, latent_channels=in_ch)
+    return dict(dit=dit, latent_channels=out_ch)
 
 
 def _permuted_converters(perm: np.ndarray):
@@ -131,6 +149,38 @@ def _self_attention_targets(prefix: str, ours: tuple, converters) -> list[wm.Tar
 def _linear(path: tuple, key: str) -> list[wm.Target]:
     return [wm.Target((*path, "kernel"), (f"{key}.weight",), wm.linear_kernel),
             wm.Target((*path, "bias"), (f"{key}.bias",), wm.copy)]
+
+
+def _norm(path: tuple, key: str) -> list[wm.Target]:
+    return [wm.Target((*path, "scale"), (f"{key}.weight",), wm.copy),
+            wm.Target((*path, "bias"), (f"{key}.bias",), wm.copy)]
+
+
+def _image_targets(dit: Mapping[str, Any]) -> list[wm.Target]:
+    """The I2V extras: the image embedder, and per block the added K/V and their k-norm."""
+    e = "condition_embedder.image_embedder"
+    t = [*_norm(("image_embed", "norm1"), f"{e}.norm1"), *_linear(("image_embed", "fc1"), f"{e}.ff.net.0.proj"),
+         *_linear(("image_embed", "fc2"), f"{e}.ff.net.2"), *_norm(("image_embed", "norm2"), f"{e}.norm2")]
+    if dit.get("image_pos_len"):
+        t.append(wm.Target(("image_embed", "pos"), (f"{e}.pos_embed",), _table))
+    for i in range(int(dit["depth"])):
+        a, ours = f"blocks.{i}.attn2", ("blocks", i, "cross_attn")
+        t += [
+            wm.Target((*ours, "image_kv", "kernel"), (f"{a}.add_k_proj.weight", f"{a}.add_v_proj.weight"),
+                      wm.fused_linear_kernel),
+            wm.Target((*ours, "image_kv", "bias"), (f"{a}.add_k_proj.bias", f"{a}.add_v_proj.bias"),
+                      wm.fused_linear_bias),
+            wm.Target((*ours, "image_k_norm", "scale"), (f"{a}.norm_added_k.weight",), wm.copy),
+        ]
+    return t
+
+
+def wan_transformer_ignored_keys(dit: Mapping[str, Any]) -> tuple[str, ...]:
+    """Checkpoint keys the import skips: the ``norm_added_q`` scales some I2V checkpoints carry,
+    which diffusers itself ignores (Wan's image branch has no query norm of its own)."""
+    if not dit.get("image_dim"):
+        return ()
+    return tuple(f"blocks.{i}.attn2.norm_added_q.weight" for i in range(int(dit["depth"])))
 
 
 def _table(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -189,4 +239,6 @@ def wan_transformer_key_map(dit: Mapping[str, Any]) -> list[wm.Target]:
             *_linear((*ours, "mlp", "fc1"), f"{b}.ffn.net.0.proj"),
             *_linear((*ours, "mlp", "fc2"), f"{b}.ffn.net.2"),
         ]
+    if dit.get("image_dim"):
+        t += _image_targets(dit)
     return t

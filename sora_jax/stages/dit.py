@@ -22,7 +22,7 @@ from sora_jax.errors import StageError
 from sora_jax.inference.latents import load_codec
 from sora_jax.io import to_float
 from sora_jax.inference.text import load_text_encoder
-from sora_jax.models.factory import build_dit
+from sora_jax.models.factory import build_dit, image_conditioned_dit
 from sora_jax.models.info import model_info
 from sora_jax.parallel.distributed import main_process_first
 from sora_jax.parallel.mesh import create_mesh
@@ -144,8 +144,12 @@ def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     others wait, then each trains on its own shard of them over the config's ``mesh``.
 
     Raises:
-      StageError: see :func:`dit_sources`.
+      StageError: see :func:`dit_sources`; or an image-to-video DiT
+        (:func:`~sora_jax.models.factory.image_conditioned_dit`).
     """
+    why = image_conditioned_dit(cfg)
+    if why:
+        raise StageError(f"train-dit {workdir}: {why}")
     main_process_first(lambda: save_config(cfg, workdir), "save_config")
     source, text_table = dit_sources(cfg, workdir, progress)
     t = cfg.dit_train
