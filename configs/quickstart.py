@@ -168,7 +168,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.conditioning = dict(none=0.7, first_frame=0.1, first_k=0.05, last_k=0.05, first_last=0.05,
                           keyframes=0.05, max_k=2, keyframe_prob=0.3, visual_dropout=0.1)
 
-    # solver: euler | heun | dpmpp_2m; guidance: classifier-free guidance scale on text;
+    # solver: euler | heun | dpmpp_2m | unipc; guidance: classifier-free guidance scale on text;
     # visual_guidance: guidance on context frames (1.0 = none, no extra model pass); strength:
     # SDEdit strength of `--mode edit`.
     # weights: the DiT's "ema" (the moving average of its parameters, dit_train.ema) or "raw".

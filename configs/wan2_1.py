@@ -11,7 +11,10 @@ matter for ``model-info`` / ``aot-compile`` without a download:
   sora-jax import-weights --from diffusers ~/Wan2.1-T2V-1.3B-Diffusers --workdir runs/wan1_3b
 
 Sampling as Wan's 480p setting: 81 frames of 480x832 at 16 fps, flow shift 3.0, CFG 5.0,
-50 steps; Wan samples with UniPC, which this project does not have: DPM-Solver++(2M) instead.
+50 steps of UniPC (solver "unipc": diffusers' UniPCMultistepScheduler with Wan's settings, order 2,
+bh2, flow sigmas; ``sora_jax.diffusion.samplers``). The time grid is ours, u_i = 1 - i / 50 before
+the shift; diffusers' set_timesteps spaces its sigmas by 0.999 / 50 and jumps from the last one to
+0 (``samplers.diffusers_flow_grid``), which moves every u by at most 0.001.
 """
 
 import ml_collections
@@ -59,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # no caption dropout in fine-tuning: Wan's DiT has no null text to drop a caption to (CFG
     # guides against the encoded negative prompt instead)
     c.flow.update(base_tokens=1, max_shift=3.0, caption_dropout=0.0)
-    c.sample.update(steps=50, guidance=5.0, frames=81, height=480, width=832, fps=16, solver="dpmpp_2m",
+    c.sample.update(steps=50, guidance=5.0, frames=81, height=480, width=832, fps=16, solver="unipc",
                     weights="raw")
     # prompts go to umT5 as written: the quickstart's extender rewrites into Moving MNIST captions
     c.prompt.extender = "none"

@@ -90,7 +90,7 @@ def _parser(tools) -> argparse.ArgumentParser:
              "guidance": (float, "classifier-free guidance scale on text"),
              "visual_guidance": (float, "guidance scale on the context frames (1 = none)"),
              "strength": (float, "edit: SDEdit strength in [0, 1]"),
-             "steps": (int, "sampler steps"), "solver": (str, "euler, heun or dpmpp_2m"),
+             "steps": (int, "sampler steps"), "solver": (str, "euler, heun, dpmpp_2m or unipc"),
              "extender": (str, "prompt extender: caption_style, none or module.path:function"),
              "weights": (str, "the DiT's weights: ema (their moving average) or raw")}
     for name, (kind, help_) in flags.items():

@@ -164,7 +164,7 @@ def test_cli(tmp_path):
 
 def test_generate_from_the_imported_run(imported):
     """An imported Wan run samples through the Generator: umT5 prompts padded to 512 tokens as Wan
-    pads them, CFG against the negative prompt (the DiT has no null text), DPM-Solver++(2M), the
+    pads them, CFG against the negative prompt (the DiT has no null text), the config's UniPC, the
     Wan VAE's decode."""
     from sora_jax.config import set_value
     from sora_jax.inference.generate import Generator
@@ -172,7 +172,8 @@ def test_generate_from_the_imported_run(imported):
     run, _ = imported
     cfg = read_config(run)
     gen = Generator(cfg, run)
-    kw = dict(frames=5, height=16, width=16, seed=3, guidance=5.0, steps=3, solver="dpmpp_2m")
+    kw = dict(frames=5, height=16, width=16, seed=3, guidance=5.0, steps=3, solver=cfg.sample.solver)
+    assert kw["solver"] == "unipc"
     a = gen(["a red car"], **kw)[0]
     assert a.shape == (5, 16, 16, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, gen(["a red car"], **kw)[0])  # deterministic

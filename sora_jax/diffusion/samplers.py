@@ -1,7 +1,8 @@
-"""Samplers for rectified flow, from t = 1 (noise) to t = 0 (data): Euler, Heun and
-DPM-Solver++(2M), with classifier-free guidance on text and on visual context.
+"""Samplers for rectified flow, from t = 1 (noise) to t = 0 (data): Euler, Heun,
+DPM-Solver++(2M) and UniPC, with classifier-free guidance on text and on visual context.
 
-Every solver walks the same grid: u_i = start * (1 - i / N), i = 0..N, mapped per token to
+Every solver walks the same grid: u_i = start * g_i, i = 0..N, with g_i = 1 - i / N unless the
+caller passes its own ``grid`` g (N + 1 values from 1 down to 0), mapped per token to
 t_i = shift_time(u_i, shift) (SD3's resolution shift). ``start`` < 1 begins part-way, which
 is SDEdit (Meng et al. 2022): the caller passes x = (1 - t_start) x0 + t_start noise. Context
 tokens (``cond_mask``) sit at t = 0 and never move (:mod:`sora_jax.diffusion.conditioning`).
@@ -15,6 +16,35 @@ Solvers (velocity v = noise - x0, data prediction x0_hat = x - t v):
               r = h_prev / h, h = lambda_t' - lambda_t;                    N evaluations
             first order (D = x0_hat, the Euler step) where r is undefined: the first step
             (lambda_1 = -inf) and the last (t' = 0, h = inf).
+  unipc     UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast
+            Sampling of Diffusion Models"), UniP-2 + UniC, B(h) = e^-h - 1 ("bh2"), data
+            prediction; with m_i = x0_hat(x_i, t_i), lambda and h_i = lambda_{i+1} - lambda_i as
+            above, and r_i = (lambda_{i-1} - lambda_i) / h_i (< 0):
+              UniP  x_{i+1} = (t_{i+1}/t_i) x^c_i + (1 - t_{i+1}/t_i) (m_i + (m_{i-1} - m_i) / (2 r_i))
+                    (-alpha_{i+1} B(h_i) = 1 - t_{i+1}/t_i; dpmpp_2m's formula), first order
+                    (m_i alone) at the first step and at the last one;
+              UniC  once m_i is known (the model evaluated at the uncorrected x_i, which the next
+                    UniP reuses: no extra evaluation), x_i is replaced by
+                    x^c_i = (t_i/t_{i-1}) x^c_{i-1}
+                            + (1 - t_i/t_{i-1}) (m_{i-1} + a_1 (m_{i-2} - m_{i-1}) / r + a_2 (m_i - m_{i-1})),
+                    r = r_{i-1}, [[1, 1], [r, 1]] (a_1, a_2) = (g_1, g_2), g_k = k! z phi_{k+1}(z) / (e^z - 1),
+                    z = -h_{i-1}, phi_1(z) = (e^z - 1) / z, phi_{k+1}(z) = (phi_k(z) - 1/k!) / z;
+                    after a first-order UniP (i = 1): a_1 = 0, a_2 = 1/2 (UniC-1; 1/2 is also UniP-2's
+                    weight above: both are the reference implementation's, the h -> 0 limit of g_1).
+                    The last x_N is UniP's (nothing is evaluated at t = 0).          N evaluations
+            UniPC needs lambda finite at the first point: a t above 1 - 1e-6 (t = 1, pure noise)
+            is lowered to 1 - 1e-6, the first evaluation included.
+            This is diffusers' UniPCMultistepScheduler with prediction_type="flow_prediction",
+            use_flow_sigmas=True, solver_order=2, solver_type="bh2", predict_x0=True,
+            lower_order_final=True (for order 2 it lowers only the final step, at any N),
+            final_sigmas_type="zero" and flow_shift = ``shift`` (Wan 2.1's diffusers scheduler,
+            flow_shift 3.0 at 480p), to float32 roundoff, on its grid: its set_timesteps(N) takes
+            u_i = 1 - (1 - 1/1000) i / N for i < N (np.linspace(1, 1/1000, N + 1)[:-1]) and u_N = 0,
+            so the last step jumps from shift_time(1 - 0.999 (N - 1)/N) to 0. ``start`` cannot express
+            that grid: pass ``grid=diffusers_flow_grid(N)`` with start = 1 and pure noise as x. The
+            Wan 2.1 repository's own FlowUniPCMultistepScheduler (the same updates, by its source)
+            walks u_i = 0.999 (1 - i/N) instead: our default grid with start = 1 - 1/1000 and pure
+            noise as x (tests/fixtures/unipc runs diffusers' scheduler on both grids).
 
 Guidance (Ho & Salimans 2022; two conditions as InstructPix2Pix, Brooks et al. 2023, eq. 3):
   v = v(0, 0) + s_v (v(ctx, 0) - v(0, 0)) + s_t (v(ctx, txt) - v(ctx, 0))
@@ -41,8 +71,13 @@ from flax import nnx
 
 from sora_jax.diffusion.flow import shift_time
 
-SOLVERS = ("euler", "heun", "dpmpp_2m")
-EVALS_PER_STEP = {"euler": 1, "heun": 2, "dpmpp_2m": 1}
+SOLVERS = ("euler", "heun", "dpmpp_2m", "unipc")
+EVALS_PER_STEP = {"euler": 1, "heun": 2, "dpmpp_2m": 1, "unipc": 1}
+
+# UniPC's highest t. diffusers lowers a first sigma of 1 by 1e-6 (its set_timesteps with
+# use_flow_sigmas) so that lambda_t = log((1 - t) / t) is finite, which the UniC coefficients
+# after the first step need; float32(1 - 1e-6) is the sigma diffusers stores.
+UNIPC_T_MAX = 1.0 - 1e-6
 
 # Incremented each time a sampling loop is traced; tests use it to prove that changing a
 # guidance scale does not retrace.
@@ -107,21 +142,65 @@ def _lambda(t):
     return jnp.log1p(-t) - jnp.log(t)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "num_steps", "solver"))
-def _sample_loop(graphdef, state, x, inp: _Inputs, shift, start, *, num_steps, solver):
-    global TRACE_COUNT
-    TRACE_COUNT += 1
-    model = graphdef if state is None else nnx.merge(graphdef, state)
-    b, l, _ = x.shape
+def diffusers_flow_grid(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """The unshifted grid of diffusers' flow-sigma schedulers, for ``sample(grid=...)``.
+
+    diffusers' ``UniPCMultistepScheduler.set_timesteps(N)`` with ``use_flow_sigmas=True`` takes
+    sigmas ``np.linspace(1, 1 / num_train_timesteps, N + 1)[:-1]``, shifts them, and appends a
+    final sigma of 0 (``final_sigmas_type="zero"``). (It also lowers a first sigma of 1 to
+    1 - 1e-6; the unipc solver does that itself, see :data:`UNIPC_T_MAX`.)
+
+    Returns:
+      (num_steps + 1,) float64: 1 - (1 - 1/num_train_timesteps) i / N for i < N, then 0.
+    """
+    u = np.linspace(1.0, 1.0 / num_train_timesteps, int(num_steps) + 1)[:-1]
+    return np.concatenate([u, [0.0]])
+
+
+def guidance_inputs(segment_ids, positions, text, text_segment_ids, *, cond_mask=None, w_text=None,
+                    w_visual=None, neg_text=None, neg_text_segment_ids=None) -> _Inputs:
+    """The conditioning :func:`solver_step` reads (see :func:`sample` for each argument's shape);
+    ``w_text`` / ``w_visual``: (B,) float32 guidance scales or None."""
+    return _Inputs(segment_ids, positions, text, text_segment_ids, cond_mask, w_text, w_visual, neg_text,
+                   neg_text_segment_ids)
+
+
+def initial_carry(x, solver: str) -> tuple:
+    """The sampler loop's state before step 0 for starting point ``x`` (B, L, D) (an array, or a
+    ``jax.ShapeDtypeStruct`` for tracing): (x, previous x0 prediction, previous log-SNR step)
+    for euler / heun / dpmpp_2m; (x, last corrected x, m_{i-1}, m_{i-2}) for unipc."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        row = jax.ShapeDtypeStruct(x.shape[:2], jnp.float32)
+        return (x, x, x, x) if solver == "unipc" else (x, x, row)
+    x = jnp.asarray(x, jnp.float32)
+    if solver == "unipc":
+        return (x, x, jnp.zeros_like(x), jnp.zeros_like(x))
+    return (x, jnp.zeros_like(x), jnp.full(x.shape[:2], jnp.inf, jnp.float32))
+
+
+def solver_step(model, i, carry, inp: _Inputs, shift, start, grid=None, *, num_steps, solver: str):
+    """Step i of ``num_steps`` of ``solver`` (the loop body of :func:`sample`): carry -> carry.
+
+    Args:
+      model: the velocity model (an NNX module or a callable).
+      i: int32 step index; ``num_steps``: the step count (a Python int, or a traced int32 scalar:
+        a program exported with it as an argument serves every step count).
+      carry: as :func:`initial_carry` makes it.
+      inp: :func:`guidance_inputs`.
+      shift, start: (B, L) float32 per token; grid: optional (num_steps + 1,) unshifted grid.
+    """
+    b, l = carry[0].shape[:2]
     shift = jnp.broadcast_to(shift, (b, l))
     start = jnp.broadcast_to(start, (b, l))
 
     def times(i):
-        t = shift_time(start * (1.0 - i / num_steps), shift)
+        # the default grid stays an expression of i (not a table) so that its results do not
+        # change bit for bit from before custom grids existed
+        u = (1.0 - i / num_steps) if grid is None else grid[i]
+        t = shift_time(start * u, shift)
         return t if inp.cond is None else jnp.where(inp.cond, 0.0, t)
 
     vel = lambda x, t: _guided_velocity(model, x, t, inp)  # noqa: E731
-
     def step(i, carry):
         x, x0_prev, h_prev = carry
         t, t_next = times(i), times(i + 1)
@@ -144,9 +223,66 @@ def _sample_loop(graphdef, state, x, inp: _Inputs, shift, start, *, num_steps, s
             x0_prev, h_prev = x0, h
         return jnp.where(moving, x_new, x), x0_prev, h_prev
 
-    x = x.astype(jnp.float32)
-    carry = (x, jnp.zeros_like(x), jnp.full((b, l), jnp.inf, jnp.float32))
-    return jax.lax.fori_loop(0, num_steps, step, carry)[0]
+    def unipc_times(i):
+        # grid index i (i < 0 only for indices a step does not use; see the masks below)
+        return jnp.minimum(times(jnp.maximum(i, 0)), UNIPC_T_MAX)
+
+    def unipc_step(i, carry):
+        # x: UniP's output at t_i, not corrected yet; x_prev: the corrected x at t_{i-1}, where
+        # that UniP started; m1, m2: the data predictions at t_{i-1}, t_{i-2}. All (B, L, D) f32.
+        x, x_prev, m1, m2 = carry
+        t2, t1, t, t_next = (unipc_times(i + k) for k in (-2, -1, 0, 1))
+        lam2, lam1, lam, lam_next = (_lambda(s) for s in (t2, t1, t, t_next))
+        # the data prediction at the uncorrected x: UniC uses it to correct x, and the next UniP
+        # starts from the corrected x with this same m (the evaluation is not repeated)
+        m = x - t[..., None] * vel(x, t)
+
+        # UniC from t_{i-1} to t_i. Its order is the previous UniP's: 1 after the first step
+        # (i = 1: the trapezoid a_2 = 1/2), 2 after that; never after the last step, whose
+        # target t = 0 is not evaluated. Masked operands keep NaN/inf out of unused lanes
+        # (lambda is inf at t = 0, and t_{i-1}, t_{i-2} do not exist for i < 1, 2).
+        moved = (t1 != t) & (i >= 1)  # context tokens (t = 0 throughout) are never corrected
+        two = moved & (i >= 2)
+        h = jnp.where(two, lam - lam1, 1.0)  # h_{i-1}
+        r = jnp.where(two, (lam2 - lam1) / h, -1.0)  # r_{i-1}
+        z = -h
+        bh = jnp.expm1(z)  # B(h) = e^{-h} - 1 ("bh2"); also h phi_1(h) of the data-prediction update
+        phi1 = bh / z
+        g1 = (phi1 - 1.0) / bh  # 1! z phi_2(z) / B(h), by the phi recursion (as the reference computes it)
+        g2 = 2.0 * ((phi1 - 1.0) / z - 0.5) / bh  # 2! z phi_3(z) / B(h)
+        # [[1, 1], [r, 1]] (a_1, a_2) = (g_1, g_2), solved in closed form (1 - r > 1: r < 0)
+        a1 = jnp.where(two, (g1 - g2) / (1.0 - r), 0.0)
+        a2 = jnp.where(two, (g2 - r * g1) / (1.0 - r), 0.5)
+        k1 = jnp.where(two, a1 / r, 0.0)
+        ratio_c = jnp.where(moved, t / jnp.where(t1 > 0, t1, 1.0), 1.0)
+        col = lambda a: a[..., None]  # noqa: E731
+        x_c = col(ratio_c) * x_prev + col(1.0 - ratio_c) * (m1 + col(k1) * (m2 - m1) + col(a2) * (m - m1))
+        x = jnp.where(col(moved), x_c, x)
+
+        # UniP from t_i to t_{i+1}: order 1 at the first step (no m_{i-1}) and at the last one
+        # (diffusers' lower_order_final: order min(2, N - i)), order 2 in between
+        moving = t_next != t
+        two_p = moving & (i >= 1) & (i < num_steps - 1)
+        r_p = (lam1 - lam) / jnp.where(two_p, lam_next - lam, 1.0)
+        kp = jnp.where(two_p, 0.5 / jnp.where(two_p, r_p, 1.0), 0.0)
+        ratio = jnp.where(moving, t_next / jnp.where(t > 0, t, 1.0), 1.0)
+        x_new = col(ratio) * x + col(1.0 - ratio) * (m + col(kp) * (m1 - m))
+        return jnp.where(col(moving), x_new, x), x, m, m1
+
+    if solver == "unipc":
+        return unipc_step(i, carry)
+    return step(i, carry)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "num_steps", "solver"))
+def _sample_loop(graphdef, state, x, inp: _Inputs, shift, start, grid, *, num_steps, solver):
+    global TRACE_COUNT
+    TRACE_COUNT += 1
+    model = graphdef if state is None else nnx.merge(graphdef, state)
+    b, l, _ = x.shape
+    body = partial(solver_step, model, inp=inp, shift=jnp.broadcast_to(shift, (b, l)),
+                   start=jnp.broadcast_to(start, (b, l)), grid=grid, num_steps=num_steps, solver=solver)
+    return jax.lax.fori_loop(0, num_steps, lambda i, c: body(i, c), initial_carry(x, solver))[0]
 
 
 def sample(model: nnx.Module | Callable[..., jax.Array], *, x: jax.Array, segment_ids: jax.Array,
@@ -155,7 +291,8 @@ def sample(model: nnx.Module | Callable[..., jax.Array], *, x: jax.Array, segmen
            visual_guidance_scale: jax.Array | float | None = None,
            shift: jax.Array | float = 1.0, cond_mask: jax.Array | None = None,
            start: jax.Array | float = 1.0, negative_text: jax.Array | None = None,
-           negative_text_segment_ids: jax.Array | None = None) -> jax.Array:
+           negative_text_segment_ids: jax.Array | None = None,
+           grid: jax.Array | np.ndarray | None = None) -> jax.Array:
     """Integrates the learned velocity field from u = start to 0.
 
     Args:
@@ -182,13 +319,17 @@ def sample(model: nnx.Module | Callable[..., jax.Array], *, x: jax.Array, segmen
         guidance branches without text see instead of the null text (segment ids 0): a
         negative prompt's states, laid out as ``text`` (Wan 2.1's CFG; a DiT without a null
         token needs it).
+      grid: optional (num_steps + 1,) float, strictly decreasing from 1 (or below) to 0: the
+        unshifted grid g_i, so u_i = start * g_i; None: g_i = 1 - i / N. A traced argument
+        (changing it does not recompile). :func:`diffusers_flow_grid` gives diffusers' flow
+        schedulers' grid (solver "unipc" with it and start = 1 is their UniPC).
 
     Returns:
       (B, L, D) float32 x at t = 0 (values on padding tokens are meaningless).
 
     Raises:
-      ValueError: unknown solver, num_steps < 1, a visual scale without ``cond_mask``, or a
-        negative text whose shape is not the text's.
+      ValueError: unknown solver, num_steps < 1, a visual scale without ``cond_mask``, a
+        negative text whose shape is not the text's, or a grid not of num_steps + 1 values.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
@@ -201,6 +342,8 @@ def sample(model: nnx.Module | Callable[..., jax.Array], *, x: jax.Array, segmen
                                            or np.shape(negative_text_segment_ids) != np.shape(text_segment_ids))):
         raise ValueError("negative_text and negative_text_segment_ids go together, shaped as text and "
                          "text_segment_ids")
+    if grid is not None and np.shape(grid) != (int(num_steps) + 1,):
+        raise ValueError(f"grid must hold num_steps + 1 = {int(num_steps) + 1} values, got shape {np.shape(grid)}")
     if isinstance(model, nnx.Module):
         graphdef, state = nnx.split(model)
     else:
@@ -214,4 +357,5 @@ def sample(model: nnx.Module | Callable[..., jax.Array], *, x: jax.Array, segmen
                   None if negative_text is None else jnp.asarray(negative_text),
                   None if negative_text_segment_ids is None else jnp.asarray(negative_text_segment_ids))
     return _sample_loop(graphdef, state, jnp.asarray(x), inp, jnp.asarray(shift, jnp.float32),
-                        jnp.asarray(start, jnp.float32), num_steps=int(num_steps), solver=solver)
+                        jnp.asarray(start, jnp.float32), None if grid is None else jnp.asarray(grid, jnp.float32),
+                        num_steps=int(num_steps), solver=solver)

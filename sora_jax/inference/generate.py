@@ -182,7 +182,7 @@ class Generator:
           seed: noise seed.
           guidance: text CFG scale (None: conditional prediction only).
           steps: solver steps.
-          solver: "euler", "heun" or "dpmpp_2m".
+          solver: "euler", "heun", "dpmpp_2m" or "unipc".
           visual_guidance: CFG scale on the context frames (None: none); used only when some
             request has context.
 
