@@ -1,7 +1,7 @@
 """``sora-jax``: the command line.
 
 Subcommands: prepare-data, train-vae, evaluate-vae, train-dit, generate, evaluate, quickstart,
-model-info, aot-compile, import-weights (each runs one function of :mod:`sora_jax.stages`).
+model-info, aot-compile, import-weights, export (each runs one function of :mod:`sora_jax.stages`).
 Every subcommand takes ``--config path/to/config.py[:arg]`` or a packaged config's name
 (``--config dit_ladder:B``; default: ``quickstart``), ``--workdir DIR`` and any number of
 ``--config.a.b=value`` overrides. The config is checked in full before anything runs or is
@@ -118,6 +118,22 @@ def _parser(tools) -> argparse.ArgumentParser:
     iw.add_argument("--from", dest="source", nargs=2, required=True, metavar=("FORMAT", "DIR"),
                     help="the checkpoint's format and folder: diffusers DIR")
     iw.add_argument("--dtype", default="float32", help="parameters' dtype in the checkpoints: float32 or bfloat16")
+    ex = add("export", "a trained run's weights for serving: safetensors (every model), diffusers (Wan-shaped "
+                       "runs) or stablehlo (jax.export programs that sora_jax.serving runs)")
+    ex.add_argument("--format", required=True, choices=("safetensors", "diffusers", "stablehlo"))
+    ex.add_argument("--out", required=True, help="the export folder to write (must not exist unless --overwrite)")
+    ex.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: as the checkpoints hold them)")
+    ex.add_argument("--step", type=int, default=None, help="the DiT checkpoint's step (default: the latest)")
+    ex.add_argument("--weights", default="ema", choices=("ema", "raw"),
+                    help="the DiT's EMA weights (default, where the run keeps them) or its raw ones")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ex.add_argument("--shard", action="store_true",
+                    help="safetensors / diffusers: restore onto the config's mesh over this host's devices, "
+                         "then write one tensor at a time (no device holds the whole model)")
+    ex.add_argument("--platforms", default="cpu",
+                    help="stablehlo: comma-separated lowering platforms among cpu, cuda, tpu (one program for all)")
+    ex.add_argument("--solvers", default=None,
+                    help="stablehlo: comma-separated sampler steps to export (default: the config's sample.solver)")
     for name, ep in tools.items():  # listed for --help; run() hands them their argv
         sub.add_parser(name, help=f"see `sora-jax {name} --help` ({ep.value})", add_help=False)
     return p
@@ -228,6 +244,10 @@ def run(argv: list[str] | None = None) -> int:
             out = stages.import_weights(cfg, wd, src, dtype=args.dtype)
         elif args.command == "model-info":
             out = stages.model_info(cfg, xla=args.xla)
+        elif args.command == "export":
+            out = stages.export(cfg, wd, args.format, args.out, dtype=args.dtype, step=args.step, weights=args.weights,
+                                overwrite=args.overwrite, platforms=tuple(args.platforms.split(",")),
+                                solvers=tuple(args.solvers.split(",")) if args.solvers else None, shard=args.shard)
         elif args.command == "evaluate":
             out = distributed.main_process_first(lambda: stages.evaluate(cfg, wd, progress=progress), args.command)
             out = out and {k: v for k, v in out.items() if k.endswith(("accuracy", "accuracy_se"))

@@ -158,6 +158,39 @@ def wan_import_check() -> dict:
             "plain_sharded_params": {k: c["sharded_params"] for k, c in plain["components"].items()}}
 
 
+def wan_export_check() -> dict:
+    """export --format safetensors of an imported tiny Wan run restored onto an fsdp 4 x tensor 2
+    mesh (``shard=True``) vs. on one device: the same files, tensor for tensor, with the
+    restored parameters split over the devices."""
+    import pathlib
+    import tempfile
+
+    from safetensors.numpy import load_file
+
+    from sora_jax.interop.diffusers_import import import_diffusers
+    from sora_jax.interop.export import export_run
+    from sora_jax.interop.run_weights import load_run_models
+    from sora_jax.train.run_folder import read_config
+
+    tiny = pathlib.Path(__file__).parent / "fixtures" / "wan" / "tiny"
+    with tempfile.TemporaryDirectory() as tmp:
+        import_diffusers(tiny, f"{tmp}/run")
+        cfg = read_config(f"{tmp}/run")
+        cfg.mesh.ici = dict(data=1, fsdp=4, context=1, tensor=2)
+        export_run(cfg, f"{tmp}/run", "safetensors", f"{tmp}/plain")
+        export_run(cfg, f"{tmp}/run", "safetensors", f"{tmp}/sharded", shard=True)
+        mesh = create_mesh(cfg.mesh)
+        models = load_run_models(cfg, f"{tmp}/run", mesh=mesh, rules=cfg.mesh.rules)
+        split = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(nnx.state(models["dit"].model)))
+        same, files = True, 0
+        plain = pathlib.Path(tmp, "plain")
+        for f in sorted(plain.rglob("*.safetensors")):
+            a, b = load_file(str(f)), load_file(str(pathlib.Path(tmp, "sharded", f.relative_to(plain))))
+            same &= set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+            files += 1
+    return {"same_tensors": bool(same), "files": files, "sharded_dit_arrays": int(split)}
+
+
 def main():
     ref = run(None)
     result = {"devices": jax.device_count(), "reference_losses": ref["losses"], "meshes": {},
@@ -176,6 +209,7 @@ def main():
                               for k in ref_scan["params"])}
     result["create_sharded"] = create_sharded_check()
     result["wan_import"] = wan_import_check()
+    result["wan_export"] = wan_export_check()
     json.dump(result, sys.stdout)
 
 

@@ -98,7 +98,7 @@ LAYERS = {
     "sora_jax": 0, "sora_jax.errors": 0, "sora_jax.io": 0, "sora_jax.config": 0, "sora_jax.configs": 0,
     "sora_jax.parallel": 0, "sora_jax.data": 1, "sora_jax.evaluation": 2, "sora_jax.models": 3,
     "sora_jax.diffusion": 4, "sora_jax.train": 5, "sora_jax.inference": 6, "sora_jax.interop": 6,
-    "sora_jax.config_validation": 7, "sora_jax.stages": 7, "sora_jax.cli": 8,
+    "sora_jax.config_validation": 7, "sora_jax.stages": 7, "sora_jax.sweeps": 7, "sora_jax.cli": 8,
 }
 
 

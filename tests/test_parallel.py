@@ -137,3 +137,9 @@ def test_import_weights_places_parameters_on_their_shards(multidevice):
     got = multidevice["wan_import"]
     assert got["max_diff"] == 0.0  # the same checkpoint as a one-device import
     assert got["sharded_params"]["transformer"] > 0 and got["plain_sharded_params"]["transformer"] == 0
+
+
+def test_export_restores_onto_shards_and_writes_the_same_files(multidevice):
+    got = multidevice["wan_export"]
+    assert got["same_tensors"] and got["files"] >= 3  # dit, vae, text_encoder
+    assert got["sharded_dit_arrays"] > 0  # the restored DiT was split over the 8 devices

@@ -861,7 +861,7 @@ class CausalVAE(CausalVideoGeometry, nnx.Module):
         Raises:
           ValueError: if z is not 5-D with latent_channels channels.
         """
-        if z.ndim != 5 or z.shape[-1] != self.latent_channels or min(z.shape[1:4]) < 1:
+        if z.ndim != 5 or z.shape[-1] != self.latent_channels or any(d < 1 for d in z.shape[1:4]):
             raise ValueError(
                 f"decode expects latents of shape (B, t, h, w, {self.latent_channels}) with "
                 f"t, h, w >= 1, got {z.shape}"

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sora_jax.models import weight_map as wm
+from sora_jax.models.layers import default_rope_axes_dims
 
 __all__ = [
     "WAN_QK_NORM",
@@ -38,6 +39,8 @@ __all__ = [
     "wan_transformer_ignored_keys",
     "rope_pair_permutation",
     "wan_rope_axes_dims",
+    "wan_transformer_config",
+    "wan_transformer_incompatibilities",
     "wan_transformer_key_map",
 ]
 
@@ -113,6 +116,92 @@ def dit_fields(config: Mapping[str, Any]) -> dict[str, Any]:
     return dict(dit=dit, latent_channels=out_ch)
 
 
+# DiT.from_config's defaults for the fields configs saved before the Wan options lack
+_DIT_DEFAULTS = dict(text_null_token=True, pooled_text=True, final_modulation="linear", context_flag=True,
+                     image_dim=None, image_pos_len=None, in_channels=None)
+# diffusers' WanTransformer3DModel default (and every released Wan 2.1's): the length of the RoPE
+# table it precomputes; our RoPE has no table, so a run does not record it
+WAN_ROPE_MAX_SEQ_LEN = 1024
+
+
+def wan_transformer_incompatibilities(dit: Mapping[str, Any], latent_channels: int) -> list[str]:
+    """The settings of our ``dit`` config section (and the VAE's ``latent_channels``) that a
+    diffusers ``WanTransformer3DModel`` cannot express, one line each, named ``dit.<field>``
+    (empty: a Wan-shaped DiT, e.g. one :func:`dit_fields` made). ``scan_layers``, ``remat``,
+    ``dtype`` and the attention backend change no weight and are not checked."""
+    d = {**_DIT_DEFAULTS, **dict(dit)}
+    problems = []
+    for key, want in (("adaln", "single"), ("qk_norm", "across_heads"), ("text_null_token", False),
+                      ("pooled_text", False), ("final_modulation", "table"), ("context_flag", False),
+                      ("pos_embed", "rope"), ("num_classes", 0)):
+        if d.get(key) != want:
+            problems.append(f"dit.{key} is {d.get(key)!r}, Wan needs {want!r}")
+    heads, hidden = int(d["num_heads"]), int(d["hidden_size"])
+    if hidden % heads:
+        problems.append(f"dit.hidden_size {hidden} is not a multiple of dit.num_heads {heads}")
+        return problems
+    head_dim = hidden // heads
+    if float(d.get("rope_theta", 10000.0)) != 10000.0:
+        problems.append(f"dit.rope_theta is {d.get('rope_theta')}, Wan's RoPE uses 10000")
+    axes = d.get("rope_axes_dims")
+    try:
+        axes = tuple(int(a) for a in axes) if axes else default_rope_axes_dims(head_dim)
+    except ValueError as err:
+        axes = str(err)
+    if axes != wan_rope_axes_dims(head_dim):
+        problems.append(f"dit.rope_axes_dims is {axes}, Wan splits a head of {head_dim} as "
+                        f"{wan_rope_axes_dims(head_dim)}")
+    ffn = float(d["mlp_ratio"]) * hidden
+    if abs(ffn - round(ffn)) > 1e-6 * max(1.0, ffn):
+        problems.append(f"dit.mlp_ratio {d['mlp_ratio']} x hidden_size {hidden} = {ffn} is not a whole FFN width")
+    if len(tuple(d["patch"])) != 3:
+        problems.append(f"dit.patch {tuple(d['patch'])} is not a (t, h, w) patch")
+    in_ch = d.get("in_channels") or latent_channels
+    if int(in_ch) < int(latent_channels):
+        problems.append(f"dit.in_channels {in_ch} < the latent channels {latent_channels}")
+    if d.get("image_pos_len") and not d.get("image_dim"):
+        problems.append(f"dit.image_pos_len {d.get('image_pos_len')} without dit.image_dim")
+    return problems
+
+
+def wan_transformer_config(dit: Mapping[str, Any], latent_channels: int, *,
+                           rope_max_seq_len: int = WAN_ROPE_MAX_SEQ_LEN) -> dict[str, Any]:
+    """The diffusers ``WanTransformer3DModel`` ``config.json`` fields of our ``dit`` section: the
+    inverse of :func:`dit_fields` (``dit_fields(wan_transformer_config(d, c))`` gives ``d``'s
+    model fields back, and ``latent_channels`` = c). The I2V fields (``in_channels`` > the
+    output's, ``image_dim``, ``added_kv_proj_dim`` = the model width, ``pos_embed_seq_len``) are
+    set from ``dit.in_channels`` / ``image_dim`` / ``image_pos_len``; ``rope_max_seq_len`` is
+    not a setting of ours (our RoPE has no table): Wan's 1024 unless given. No ``_class_name``.
+
+    Raises:
+      ValueError: every setting :func:`wan_transformer_incompatibilities` names, in one message.
+    """
+    problems = wan_transformer_incompatibilities(dit, latent_channels)
+    if problems:
+        raise ValueError("this DiT is not a Wan transformer: " + "; ".join(problems))
+    d = {**_DIT_DEFAULTS, **dict(dit)}
+    heads, hidden = int(d["num_heads"]), int(d["hidden_size"])
+    image_dim = int(d["image_dim"]) if d.get("image_dim") else None
+    return {
+        "added_kv_proj_dim": hidden if image_dim else None,
+        "attention_head_dim": hidden // heads,
+        "cross_attn_norm": True,
+        "eps": 1e-6,
+        "ffn_dim": int(round(float(d["mlp_ratio"]) * hidden)),
+        "freq_dim": 256,
+        "image_dim": image_dim,
+        "in_channels": int(d.get("in_channels") or latent_channels),
+        "num_attention_heads": heads,
+        "num_layers": int(d["depth"]),
+        "out_channels": int(latent_channels),
+        "patch_size": [int(p) for p in d["patch"]],
+        "pos_embed_seq_len": int(d["image_pos_len"]) if d.get("image_pos_len") else None,
+        "qk_norm": WAN_QK_NORM,
+        "rope_max_seq_len": int(rope_max_seq_len),
+        "text_dim": int(d["text_dim"]),
+    }
+
+
 def _permuted_converters(perm: np.ndarray):
     """(qkv kernel, qkv bias, norm scale) conversions that reorder q / k features by ``perm``."""
     def qkv_kernel(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -126,6 +215,26 @@ def _permuted_converters(perm: np.ndarray):
     def norm_scale(arrays: Sequence[np.ndarray]) -> np.ndarray:
         (w,) = arrays
         return np.asarray(w)[perm]
+
+    # export: split the fused q / k / v and undo the permutation (ours[k] = wan[perm[k]], so
+    # wan = ours[argsort(perm)]); q, k and v of a self-attention are all model-wide
+    unperm = np.argsort(perm)
+
+    @wm.register_inverse(qkv_kernel, lambda ours, known: [(n, ours[0]) for n in wm.split_sizes(
+        ours[1], known, "a self-attention qkv kernel")])
+    def qkv_kernel_inverse(a: np.ndarray, shapes) -> list[np.ndarray]:
+        q, k, v = wm.split_rows(np.asarray(a).T, [s[0] for s in shapes])
+        return [np.ascontiguousarray(q[unperm]), np.ascontiguousarray(k[unperm]), v]
+
+    @wm.register_inverse(qkv_bias, lambda ours, known: [(n,) for n in wm.split_sizes(
+        ours[0], known, "a self-attention qkv bias")])
+    def qkv_bias_inverse(a: np.ndarray, shapes) -> list[np.ndarray]:
+        q, k, v = wm.split_rows(np.asarray(a), [s[0] for s in shapes])
+        return [q[unperm], k[unperm], v]
+
+    @wm.register_inverse(norm_scale, lambda ours, known: [ours])
+    def norm_scale_inverse(a: np.ndarray, shapes) -> list[np.ndarray]:
+        return [np.asarray(a)[unperm]]
 
     return (wm.register_shape(lambda s: (s[0][1], s[0][0] + s[1][0] + s[2][0]))(qkv_kernel),
             wm.register_shape(lambda s: (s[0][0] + s[1][0] + s[2][0],))(qkv_bias),
@@ -190,6 +299,12 @@ def _table(arrays: Sequence[np.ndarray]) -> np.ndarray:
 
 
 wm.register_shape(lambda s: (s[0][-2], s[0][-1]))(_table)
+
+
+# Wan's tables (scale_shift_table, pos_embed) are (1, n, D)
+@wm.register_inverse(_table, lambda ours, known: [known[0] or (1, *ours)])
+def _table_inverse(a: np.ndarray, shapes) -> list[np.ndarray]:
+    return [np.asarray(a).reshape(shapes[0])]
 
 
 def wan_transformer_key_map(dit: Mapping[str, Any]) -> list[wm.Target]:

@@ -761,6 +761,18 @@ def rms_gamma(arrays: Sequence[np.ndarray]) -> np.ndarray:
     return np.asarray(g).reshape(-1)
 
 
+# (C,) does not say whether the reference norm is WanRMS_norm(images=True) (C, 1, 1: the mid
+# block attention's) or images=False (C, 1, 1, 1: every other): the export passes the shape
+@weight_map.register_inverse(rms_gamma, lambda ours, known: [known[0] or _needs_gamma_shape(ours)])
+def _rms_gamma_inverse(g: np.ndarray, shapes) -> list[np.ndarray]:
+    return [np.asarray(g).reshape(shapes[0])]
+
+
+def _needs_gamma_shape(ours: tuple[int, ...]) -> tuple[int, ...]:
+    raise ValueError(f"the reference shape of an RMS-norm gamma ({ours[0]}, 1, 1[, 1]) is needed to invert it "
+                     "(pass it in `known`)")
+
+
 def wan_vae_key_map(cfg: WanVAEConfig) -> list[weight_map.Target]:
     """Every diffusers ``AutoencoderKLWan`` state-dict key -> our :class:`WanVAE` parameter.
 
@@ -771,7 +783,9 @@ def wan_vae_key_map(cfg: WanVAEConfig) -> list[weight_map.Target]:
       One ``weight_map.Target`` per parameter of ours (``nnx.to_flat_state`` paths of
       ``nnx.state(model, nnx.Param)``): conv weights through ``weight_map.conv_kernel`` (torch
       (out, in, *k) -> (*k, in, out)), biases through ``copy``, RMS-norm gammas through
-      :func:`rms_gamma`. Each target has ``split`` None (import only).
+      :func:`rms_gamma`. Each target has ``split`` None: export inverts them through the
+      inverses registered with the conversions (``weight_map.invert``; the gammas' reference
+      shapes must be passed, see ``_rms_gamma_inverse``).
     """
     targets: list[weight_map.Target] = []
 

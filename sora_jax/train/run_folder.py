@@ -117,8 +117,25 @@ def has_ema(run_dir: str) -> bool:
     return step is not None and os.path.isdir(os.path.join(_checkpoints(run_dir), str(step), "ema"))
 
 
+# what Orbax's readers (TensorStore, OCDBT) say about files that are truncated or damaged; the
+# errors have no common type, and a ValueError may also mean another model's tree
+_READ_ERROR_WORDS = ("byte range", "tensorstore", "data_loss", "out_of_range", "checksum", "corrupt",
+                     "error while reading")
+
+
+def _is_read_error(e: BaseException) -> bool:
+    text = str(e).lower()
+    return any(w in text for w in _READ_ERROR_WORDS)
+
+
+def _unreadable(what: str, run_dir: str, e: BaseException) -> str:
+    # TensorStore's message is its first sentence; the rest is a multi-line dump of its spec
+    first = str(e).strip().splitlines()[0].split(" See full")[0][:200] if str(e).strip() else ""
+    return f"the {what} checkpoint in {run_dir} cannot be read (corrupt or partly copied?): {type(e).__name__}: {first}"
+
+
 def restore(model: nnx.Module, run_dir: str, what: str, subtree: str | None = None,
-            item: str = "model") -> int:
+            item: str = "model", step: int | None = None) -> int:
     """Restores the latest checkpoint of a training run folder into ``model`` in place, on this
     process alone (inference and encoding run per process), and returns its step.
 
@@ -130,21 +147,30 @@ def restore(model: nnx.Module, run_dir: str, what: str, subtree: str | None = No
         ``VAETrainModel``, whose discriminator inference never reads).
       item: the checkpoint item: ``"model"`` (the trained parameters) or ``"ema"`` (with
         ``subtree="weights"``: their EMA, :mod:`sora_jax.train.ema`).
+      step: the checkpoint's step; None: the latest.
 
     Raises:
-      StageError: no checkpoint, or one whose tree does not match ``model`` (another config).
+      StageError: no checkpoint, one whose tree does not match ``model`` (another config), or one
+        whose files cannot be read (corrupt).
     """
     if not os.path.isdir(_checkpoints(run_dir)):  # don't create folders on a typo
         raise StageError(f"no {what} checkpoint in {run_dir}: run `sora-jax train-{what}` first")
     ckpt = Checkpointer(_checkpoints(run_dir), this_process_only=True)
     try:
-        meta = ckpt.restore(model, subtree=subtree, item=item)
+        meta = ckpt.restore(model, step=step, subtree=subtree, item=item)
     except CheckpointNotFoundError:
+        if step is not None:
+            raise StageError(f"no {what} checkpoint for step {step} in {run_dir} (steps there: "
+                             f"{sorted(ckpt.manager.all_steps())})") from None
         raise StageError(f"no {what} checkpoint in {run_dir}: run `sora-jax train-{what}` first") from None
-    except (ValueError, KeyError) as e:  # a tree that does not match this model
-        raise StageError(f"the {what} checkpoint in {run_dir} does not match this config's "
-                         f"model (trained with another config? rerun `sora-jax train-{what}` "
-                         f"in a new run folder): {str(e)[:300]}") from None
+    except (ValueError, KeyError) as e:
+        if not _is_read_error(e):  # a tree that does not match this model
+            raise StageError(f"the {what} checkpoint in {run_dir} does not match this config's "
+                             f"model (trained with another config? rerun `sora-jax train-{what}` "
+                             f"in a new run folder): {str(e)[:300]}") from None
+        raise StageError(_unreadable(what, run_dir, e)) from None
+    except Exception as e:  # noqa: BLE001 - TensorStore / OCDBT read errors have no common type
+        raise StageError(_unreadable(what, run_dir, e)) from None
     finally:
         ckpt.close()
     return int(meta["step"])
