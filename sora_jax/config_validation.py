@@ -28,6 +28,7 @@ from sora_jax.inference.prompts import EXTENDERS, make_filter
 from sora_jax.models.attention import ATTENTION_BACKENDS
 from sora_jax.models.dit import ADALN_KINDS, FINAL_MODULATIONS, POS_EMBEDS, QK_NORMS, REMAT_POLICIES
 from sora_jax.models.factory import TEXT_ENCODERS, VAE_KINDS, latent_shape, wan_vae_config
+from sora_jax.models.mup import PARAMETERIZATIONS
 from sora_jax.models.text_encoder import BertConfig
 from sora_jax.models.umt5 import UMT5Config
 from sora_jax.models.vae_loss import vae_loss_settings
@@ -264,6 +265,14 @@ def check_dit(cfg: ml_collections.ConfigDict):
             _int(d, name, "dit", 1)
     if d.get("image_pos_len") is not None and d.get("image_dim") is None:
         raise _bad("dit.image_pos_len", "is set but dit.image_dim is not (positions of which image tokens?)")
+    # μP (sora_jax.models.mup); configs saved before it lack the keys: "sp"
+    if _choice_default(d, "parameterization", "dit", PARAMETERIZATIONS, "sp") == "mup":
+        if d.get("mup_base_width") is None:
+            raise _bad("dit.mup_base_width", "is None but dit.parameterization is 'mup': give the base width "
+                                             "(the width at which μP equals 'sp')")
+        _int(d, "mup_base_width", "dit", 1)
+    elif d.get("mup_base_width") is not None:
+        _int(d, "mup_base_width", "dit", 1)
     try:
         jnp.dtype(d.dtype)
     except TypeError:

@@ -333,7 +333,8 @@ def test_export_diffusers_unstacks_scanned_blocks(imported, tmp_path):
 def test_export_diffusers_refuses_a_run_that_is_not_wan(tmp_path):
     wd = tmp_path / "quick"
     wd.mkdir()
-    save_config(config_lib.load_config("quickstart"), str(wd))
+    save_config(config_lib.apply_overrides(config_lib.load_config("quickstart"),
+                                           ["dit.parameterization='mup'", "dit.mup_base_width=64"]), str(wd))
     cfg = read_config(str(wd))
     out = tmp_path / "out"
     with pytest.raises(StageError) as e:
@@ -341,7 +342,7 @@ def test_export_diffusers_refuses_a_run_that_is_not_wan(tmp_path):
     msg = str(e.value)
     for needle in ("dit.adaln is 'per_block'", "dit.qk_norm", "dit.text_null_token", "dit.pooled_text",
                    "dit.final_modulation", "dit.context_flag", "dit.rope_axes_dims", "vae.kind is 'causal'",
-                   "text.encoder is 'minilm'", "nothing was written"):
+                   "text.encoder is 'minilm'", "dit.parameterization is 'mup'", "nothing was written"):
         assert needle in msg, needle
     assert not out.exists() and not pathlib.Path(str(out) + ".partial").exists()
 

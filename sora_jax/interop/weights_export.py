@@ -222,6 +222,9 @@ def wan_incompatibilities(cfg: ml_collections.ConfigDict) -> list[str]:
     AutoencoderKLWan, umT5) cannot express, one line each naming the config key; empty for a
     Wan-shaped run. Reads only the config."""
     problems = []
+    if cfg.dit.get("parameterization", "sp") != "sp":  # its forward multipliers have no diffusers form
+        problems.append(f"dit.parameterization is {cfg.dit.parameterization!r}, Wan needs 'sp' (μP's attention "
+                        "and output multipliers are not in diffusers' model)")
     latent = int(cfg.vae.get("latent_channels", 0) or 0)
     problems += wan_transformer_incompatibilities(cfg.dit.to_dict(), latent)
     kind = cfg.vae.get("kind")

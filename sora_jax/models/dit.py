@@ -34,6 +34,8 @@ from flax import nnx
 from sora_jax.models.condition_groups import DEFAULT_MAX_GROUPS, GroupedConditioning
 from sora_jax.models.context_parallel import attention as context_attention
 from sora_jax.models.image_context import ImageEmbedder
+from sora_jax.models.mup import (PARAMETERIZATIONS, attention_query_scale, output_multiplier, rescale_init,
+                                 width_multiplier)
 from sora_jax.parallel.axes import BATCH, EMBED, HEADS, IN_FEATURES, LAYERS, LENGTH, MLP as MLP_AXIS, NORM
 from sora_jax.parallel.sharding import constrain, partitioned
 from sora_jax.models.layers import (MLP, AdaLNModulation, RMSNorm, TimestepEmbedder,
@@ -80,15 +82,19 @@ class SelfAttention(nnx.Module):
     """Multi-head self-attention with RMS QK-norm and 3D RoPE over packed segments.
 
     Call: x (B, L, hidden), cos/sin (B, L, Dh), segment_ids (B, L) -> (B, L, hidden).
+
+    ``query_scale``: None (SP), or a factor on the queries after QK-norm and RoPE, i.e. on the
+    logits (μP's 1/d_head attention, :mod:`sora_jax.models.mup`).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, qk_norm: bool | str = True,
-                 backend: str = "xla", rngs: nnx.Rngs, dtype=None):
+                 backend: str = "xla", query_scale: float | None = None, rngs: nnx.Rngs, dtype=None):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.backend = backend
+        self.query_scale = query_scale
         self.qkv = dense(hidden_size, 3 * hidden_size, dtype=dtype, rngs=rngs, axes=(EMBED, HEADS))
         self.proj = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs, axes=(HEADS, EMBED))
         self.q_norm, self.k_norm = _qk_norms(qk_norm, hidden_size, self.head_dim)
@@ -103,6 +109,8 @@ class SelfAttention(nnx.Module):
         # rotated pairs and the rotation must act on what enters the dot product.
         if cos is not None:  # None: absolute sin-cos positions were added to the input instead
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.query_scale is not None:  # μP
+            q = q * self.query_scale
         o = context_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                               gather_kv=True, backend=self.backend)
         return self.proj(o.reshape(b, l, -1))
@@ -124,14 +132,17 @@ class CrossAttention(nnx.Module):
     Call: x (B, L, hidden), text (B, Lt, hidden), segment_ids (B, L),
     text_segment_ids (B, Lt), and with ``image_context`` image (B, Li, hidden),
     image_segment_ids (B, Li) -> (B, L, hidden).
+
+    ``query_scale``: as :class:`SelfAttention`'s (μP), for the text and image logits alike.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, qk_norm: bool | str = True,
                  null_token: bool = True, image_context: bool = False, backend: str = "xla",
-                 rngs: nnx.Rngs, dtype=None):
+                 query_scale: float | None = None, rngs: nnx.Rngs, dtype=None):
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.backend = backend
+        self.query_scale = query_scale
         self.q = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs, axes=(EMBED, HEADS))
         self.kv = dense(hidden_size, 2 * hidden_size, dtype=dtype, rngs=rngs, axes=(EMBED, HEADS))
         self.proj = dense(hidden_size, hidden_size, dtype=dtype, rngs=rngs, axes=(HEADS, EMBED))
@@ -160,6 +171,8 @@ class CrossAttention(nnx.Module):
                          axis=2)
         if self.q_norm is not None:
             q, k = _qk_normalize(self.q_norm, q), _qk_normalize(self.k_norm, k)
+        if self.query_scale is not None:  # μP
+            q = q * self.query_scale
         o = context_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
                               kv_always_visible=always, gather_kv=False, backend=self.backend)
         if self.image_kv is not None:
@@ -185,21 +198,21 @@ class DiTBlock(nnx.Module):
     or a :class:`~sora_jax.models.condition_groups.GroupedConditioning` (the modulation is
     then computed per group). With ``shared_adaln``, c is instead the shared modulation
     (B, L, 6 * hidden), to which the block adds its own learned (6, hidden) table
-    (zero-initialised, so gates start at 0).
+    (zero-initialised, so gates start at 0). ``query_scale``: the attentions' (μP; None: SP).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, mlp_ratio: float = 4.0,
                  qk_norm: bool | str = True, cross_attention: bool = True, backend: str = "xla",
                  shared_adaln: bool = False, text_null_token: bool = True, image_context: bool = False,
-                 rngs: nnx.Rngs, dtype=None):
+                 query_scale: float | None = None, rngs: nnx.Rngs, dtype=None):
         self.norm1 = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
         self.attn = SelfAttention(hidden_size, num_heads, qk_norm=qk_norm, backend=backend,
-                                  rngs=rngs, dtype=dtype)
+                                  query_scale=query_scale, rngs=rngs, dtype=dtype)
         if cross_attention:  # off in the class-conditional DiT of Peebles & Xie
             self.norm_cross = layer_norm(hidden_size, affine=True, rngs=rngs, dtype=dtype)
             self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm,
                                              null_token=text_null_token, image_context=image_context,
-                                             backend=backend, rngs=rngs, dtype=dtype)
+                                             backend=backend, query_scale=query_scale, rngs=rngs, dtype=dtype)
         else:
             self.norm_cross = self.cross_attn = None
         self.norm2 = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
@@ -262,12 +275,16 @@ class FinalLayer(nnx.Module):
     ``modulation="linear"``: (shift, scale) = Linear_zero(SiLU(c)) (DiT). ``"table"``:
     (shift, scale) = a learned (2, hidden) table + c, with no Linear (Wan 2.1's output head,
     whose c is the timestep embedding).
+
+    ``output_multiplier``: None (SP), or a factor on the Linear's input, so on its kernel's
+    contribution and not its bias's (μP's 1/m output multiplier, as ``mup``'s MuReadout).
     """
 
     def __init__(self, hidden_size: int, out_dim: int, *, modulation: str = "linear",
-                 rngs: nnx.Rngs, dtype=None):
+                 output_multiplier: float | None = None, rngs: nnx.Rngs, dtype=None):
         if modulation not in FINAL_MODULATIONS:
             raise ValueError(f"final modulation must be one of {FINAL_MODULATIONS}, got {modulation!r}")
+        self.output_multiplier = output_multiplier
         self.norm = layer_norm(hidden_size, affine=False, rngs=rngs, dtype=dtype)
         if modulation == "linear":
             self.adaln = AdaLNModulation(hidden_size, hidden_size, 2, rngs=rngs, dtype=dtype)
@@ -289,7 +306,10 @@ class FinalLayer(nnx.Module):
         """x (B, L, hidden); c (B, L, hidden) or a GroupedConditioning -> (B, L, out_dim)."""
         mod = c.apply(self._project) if isinstance(c, GroupedConditioning) else self._project(c)
         shift, scale = jnp.split(mod, 2, axis=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        h = modulate(self.norm(x), shift, scale)
+        if self.output_multiplier is not None:  # μP
+            h = h * self.output_multiplier
+        return self.linear(h)
 
 
 def segment_mean_text(text: jax.Array, segment_ids: jax.Array,
@@ -370,6 +390,12 @@ class DiT(nnx.Module):
         model width and every cross-attention attends them with a second key/value set.
       image_pos_len: with ``image_dim``, None or the image tokens per example, which then get a
         learned position table (FLF2V: 2 x 257).
+      parameterization: "sp" (standard: the default) or "mup" (μP, Adam variant,
+        :mod:`sora_jax.models.mup`: the initialisation is rescaled after construction, the
+        attention logits get 1/sqrt(m) and the output layer's input 1/m, m = hidden_size /
+        ``mup_base_width``; the per-parameter learning rates come from
+        :func:`sora_jax.models.mup.lr_multipliers`). Under "sp" nothing of μP is applied.
+      mup_base_width: the width at which μP equals SP (required with "mup"; ignored with "sp").
       rngs: NNX random streams.
 
     Wan 2.1's transformer (diffusers ``WanTransformer3DModel``) is this class with
@@ -389,7 +415,8 @@ class DiT(nnx.Module):
 
     Raises:
       ValueError: if hidden_size % num_heads != 0, the RoPE split does not sum to the
-        head dimension, or image context is asked of a class-conditional model.
+        head dimension, image context is asked of a class-conditional model, or the
+        parameterization is unknown ("mup" without a positive integer ``mup_base_width``).
     """
 
     def __init__(self, *, in_dim: int, hidden_size: int, depth: int, num_heads: int,
@@ -401,7 +428,7 @@ class DiT(nnx.Module):
                  condition_groups: int = DEFAULT_MAX_GROUPS, text_null_token: bool = True,
                  pooled_text: bool = True, final_modulation: str = "linear", context_flag: bool = True,
                  out_dim: int | None = None, image_dim: int | None = None, image_pos_len: int | None = None,
-                 rngs: nnx.Rngs):
+                 parameterization: str = "sp", mup_base_width: int | None = None, rngs: nnx.Rngs):
         if condition_groups < 0:
             raise ValueError(f"condition_groups must be >= 0, got {condition_groups}")
         if adaln not in ADALN_KINDS:
@@ -417,6 +444,13 @@ class DiT(nnx.Module):
         qk_norm_scope(qk_norm)  # raises on an unknown setting
         if image_dim and num_classes:
             raise ValueError("image context (image_dim) needs a text-conditioned DiT (num_classes 0)")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        mup = parameterization == "mup"
+        # μP's width multiplier m (1.0 under SP, where it is not used)
+        self.parameterization = parameterization
+        self.mup_width_mult = width_multiplier(hidden_size, mup_base_width) if mup else 1.0
+        query_scale = attention_query_scale(self.mup_width_mult) if mup else None
         head_dim = hidden_size // num_heads
         axes = tuple(rope_axes_dims) if rope_axes_dims is not None else default_rope_axes_dims(head_dim)
         if len(axes) != 3 or sum(axes) != head_dim or any(a % 2 for a in axes):
@@ -454,7 +488,7 @@ class DiT(nnx.Module):
             return DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm,
                             cross_attention=not num_classes, backend=attention_backend,
                             shared_adaln=adaln == "single", text_null_token=text_null_token,
-                            image_context=bool(image_dim), rngs=rngs, dtype=dtype)
+                            image_context=bool(image_dim), query_scale=query_scale, rngs=rngs, dtype=dtype)
 
         # adaLN-single: the one Linear every block's modulation comes from (zero: gates start at 0)
         self.t_modulation = (dense(hidden_size, 6 * hidden_size, zero=True, dtype=dtype, rngs=rngs,
@@ -469,7 +503,11 @@ class DiT(nnx.Module):
                 transform_metadata={nnx.PARTITION_NAME: LAYERS}))(rngs)
         else:
             self.blocks = nnx.List([make_block(rngs) for _ in range(depth)])
-        self.final = FinalLayer(hidden_size, self.out_dim, modulation=final_modulation, rngs=rngs, dtype=dtype)
+        self.final = FinalLayer(hidden_size, self.out_dim, modulation=final_modulation,
+                                output_multiplier=output_multiplier(self.mup_width_mult) if mup else None,
+                                rngs=rngs, dtype=dtype)
+        if mup:  # after construction: the SP initialisers above are untouched
+            rescale_init(self, self.mup_width_mult)
 
     @classmethod
     def from_config(cls, cfg: Any, in_dim: int, rngs: nnx.Rngs, out_dim: int | None = None) -> "DiT":
@@ -483,9 +521,10 @@ class DiT(nnx.Module):
         optional (default :data:`~sora_jax.models.condition_groups.DEFAULT_MAX_GROUPS`; it
         changes no parameter, so configs saved before it existed still build); so are
         text_null_token, pooled_text, context_flag (default True) and final_modulation
-        (default "linear"), which configs saved before the Wan options lack, and image_dim,
-        image_pos_len (default None; Wan 2.1 I2V). ``out_dim``: the output token width when it
-        differs from ``in_dim``.
+        (default "linear"), which configs saved before the Wan options lack, image_dim,
+        image_pos_len (default None; Wan 2.1 I2V), and parameterization / mup_base_width
+        (default "sp" / None; μP, :mod:`sora_jax.models.mup`). ``out_dim``: the output token
+        width when it differs from ``in_dim``.
 
         Raises:
           KeyError: a field is missing.
@@ -505,6 +544,7 @@ class DiT(nnx.Module):
                    final_modulation=cfg.get("final_modulation", "linear"),
                    context_flag=cfg.get("context_flag", True),
                    out_dim=out_dim, image_dim=cfg.get("image_dim"), image_pos_len=cfg.get("image_pos_len"),
+                   parameterization=cfg.get("parameterization", "sp"), mup_base_width=cfg.get("mup_base_width"),
                    dtype=jnp.dtype(cfg["dtype"]), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -24,12 +25,13 @@ from sora_jax.io import to_float
 from sora_jax.inference.text import load_text_encoder
 from sora_jax.models.factory import build_dit, image_conditioned_dit
 from sora_jax.models.info import model_info
+from sora_jax.models.mup import lr_multipliers
 from sora_jax.parallel.distributed import main_process_first
 from sora_jax.parallel.mesh import create_mesh
 from sora_jax.parallel.sharding import create_sharded
 from sora_jax.train.run_folder import checkpoint_fingerprint, datasets, paths, save_config
 from sora_jax.train.steps import dit_loss_fn
-from sora_jax.train.trainer import TrainTask, train
+from sora_jax.train.trainer import TrainTask, make_optimizer, train
 
 
 def encode_latents(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict[str, Any]:
@@ -164,9 +166,13 @@ def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     # attention over the whole row, as the packed step computes it
     tokens = int(t.batch_size) * int(t.row_length)
     flops = 3.0 * model_info(cfg, seq_len=int(t.row_length))["flops_per_token"] * tokens
+    optimizer_fn = None  # SP: make_optimizer
+    if dit.parameterization == "mup":  # μP: per-parameter learning rates (sora_jax.models.mup)
+        multipliers = lr_multipliers(dit, dit.mup_width_mult)
+        optimizer_fn = functools.partial(make_optimizer, lr_multipliers=multipliers)
     task = TrainTask("dit", dit, dit_loss_fn(cfg.flow, cfg.conditioning), None,
                      meta={"config": config_lib.to_json(cfg)}, dataset=dataset,
-                     tokens_per_step=tokens, flops_per_step=flops)
+                     tokens_per_step=tokens, flops_per_step=flops, optimizer_fn=optimizer_fn)
     summary = train(task, cfg.dit_train, paths(workdir)["dit"], progress=progress, mesh=mesh,
                     rules=rules)
     if not str(cfg.dit_train.data).strip():

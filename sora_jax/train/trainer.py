@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from sora_jax.models.mup import scale_by_multipliers
 from sora_jax.parallel.axes import DEFAULT_RULES
 from sora_jax.parallel.mesh import describe
 from sora_jax.parallel.sharding import (activate, place, place_objects, shard_batch,
@@ -243,14 +244,24 @@ def clipped_adamw(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> o
     )
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   lr_multipliers: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warm-up, cosine decay and global-norm clipping, from a ``train`` config.
 
     Fields: ``learning_rate``, ``warmup_steps``, ``steps``, ``weight_decay``, ``grad_clip``,
     ``b1``, ``b2``, ``min_lr_ratio``. Returns the transformation and its learning-rate schedule.
+
+    ``lr_multipliers``: None, or a tree of per-parameter learning-rate multipliers (Python floats)
+    with the structure of the model's ``nnx.Param`` state, e.g. μP's
+    (:func:`sora_jax.models.mup.lr_multipliers`): each AdamW update, decoupled weight decay
+    included, is multiplied by its parameter's multiplier (clipping still sees the raw gradients).
+    None: the plain transformation, unchanged.
     """
     schedule = make_schedule(cfg)
-    return clipped_adamw(cfg, schedule), schedule
+    tx = clipped_adamw(cfg, schedule)
+    if lr_multipliers is not None:
+        tx = optax.chain(tx, scale_by_multipliers(lr_multipliers))
+    return tx, schedule
 
 
 def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
