@@ -134,6 +134,9 @@ def _parser(tools) -> argparse.ArgumentParser:
                     help="stablehlo: comma-separated lowering platforms among cpu, cuda, tpu (one program for all)")
     ex.add_argument("--solvers", default=None,
                     help="stablehlo: comma-separated sampler steps to export (default: the config's sample.solver)")
+    sw = add("sweep", "scaling-law sweeps: plan the IsoFLOP grid of a sweep config (--config sweep_cpu); "
+                      "run, fit and report are being built")
+    sw.add_argument("action", choices=("plan", "run", "fit", "report"))
     for name, ep in tools.items():  # listed for --help; run() hands them their argv
         sub.add_parser(name, help=f"see `sora-jax {name} --help` ({ep.value})", add_help=False)
     return p
@@ -198,6 +201,17 @@ def run(argv: list[str] | None = None) -> int:
         # An existing run continues with its saved config (so data and architecture match)
         # unless --config is given; then the overrides and generate's flags (in memory only:
         # generate never writes the run's config); all checked before any stage runs.
+        if args.command == "sweep":  # a sweep config, not a run config: its points' base is checked
+            # imported here for import speed: only this command needs the sweep modules
+            from sora_jax.sweeps import commands as sweep_commands
+
+            sweep = config_lib.apply_overrides(config_lib.load_config(args.config or "sweep_cpu"), overrides)
+            if args.action != "plan":
+                raise StageError(f"sweep {args.action}: not built yet (plan is); see issue 19")
+            out = sweep_commands.plan(sweep, args.workdir or os.path.join("runs", sweep.name))
+            print("\n".join(out.pop("table")), file=sys.stderr)
+            print(json.dumps({"points": len(out["points"]), "skipped": out["skipped"]}, indent=2, default=str))
+            return 0
         if args.command == "import-weights":  # a new run folder: its config comes from the checkpoint
             cfg = config_lib.load_config(args.config or "wan2_1")
         elif args.config is None and args.workdir and os.path.isfile(paths(args.workdir)["config"]):
