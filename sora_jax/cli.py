@@ -134,9 +134,10 @@ def _parser(tools) -> argparse.ArgumentParser:
                     help="stablehlo: comma-separated lowering platforms among cpu, cuda, tpu (one program for all)")
     ex.add_argument("--solvers", default=None,
                     help="stablehlo: comma-separated sampler steps to export (default: the config's sample.solver)")
-    sw = add("sweep", "scaling-law sweeps: plan the IsoFLOP grid of a sweep config (--config sweep_cpu); "
-                      "run, fit and report are being built")
+    sw = add("sweep", "scaling-law sweeps: plan the IsoFLOP grid of a sweep config (--config sweep_cpu) and "
+                      "run its points (resumable); fit and report are being built")
     sw.add_argument("action", choices=("plan", "run", "fit", "report"))
+    sw.add_argument("--point", default=None, help="run: only this point (one cluster job per point)")
     for name, ep in tools.items():  # listed for --help; run() hands them their argv
         sub.add_parser(name, help=f"see `sora-jax {name} --help` ({ep.value})", add_help=False)
     return p
@@ -206,11 +207,16 @@ def run(argv: list[str] | None = None) -> int:
             from sora_jax.sweeps import commands as sweep_commands
 
             sweep = config_lib.apply_overrides(config_lib.load_config(args.config or "sweep_cpu"), overrides)
-            if args.action != "plan":
-                raise StageError(f"sweep {args.action}: not built yet (plan is); see issue 19")
-            out = sweep_commands.plan(sweep, args.workdir or os.path.join("runs", sweep.name))
-            print("\n".join(out.pop("table")), file=sys.stderr)
-            print(json.dumps({"points": len(out["points"]), "skipped": out["skipped"]}, indent=2, default=str))
+            wd = args.workdir or os.path.join("runs", sweep.name)
+            if args.action == "plan":
+                out = sweep_commands.plan(sweep, wd)
+                print("\n".join(out.pop("table")), file=sys.stderr)
+                out = {"points": len(out["points"]), "skipped": out["skipped"]}
+            elif args.action == "run":
+                out = sweep_commands.run(sweep, wd, point=args.point, progress=not args.no_progress)
+            else:
+                raise StageError(f"sweep {args.action}: not built yet (plan and run are); see issue 19")
+            print(json.dumps(out, indent=2, default=str))
             return 0
         if args.command == "import-weights":  # a new run folder: its config comes from the checkpoint
             cfg = config_lib.load_config(args.config or "wan2_1")

@@ -67,19 +67,105 @@ def test_plan_points_hit_their_budgets(tmp_path):
     assert few[0] == [] and len(few[1]) == 6 and "outside" in few[1][0]["why"]
 
 
-def test_plan_command_on_a_run(trained_run, tmp_path):
-    sweep_file = tmp_path / "sweep.py"
-    sweep_file.write_text(
+def _sweep_file(tmp_path, source_run, widths, budgets_holdout_min_steps):
+    """A sweep config file over the tiny config, on ``source_run``'s latents."""
+    f = tmp_path / "sweep.py"
+    f.write_text(
         "from sora_jax import config as c\n"
         "def get_config(arg=None):\n"
         f"    s = c.load_config({str(pathlib.Path('configs/sweep_cpu.py').resolve())!r})\n"
-        f"    s.base, s.source_run, s.widths = 'tiny', {trained_run!r}, (32, 64)\n"
-        "    s.budgets, s.holdout_budgets, s.min_steps, s.probe_batches = (1e11, 2e11), (8e11,), 2, 3\n"
+        f"    s.base, s.source_run, s.widths = 'tiny', {source_run!r}, {widths}\n"
+        f"    s.budgets, s.holdout_budgets, s.min_steps = {budgets_holdout_min_steps}\n"
+        "    s.probe_batches = 3\n"
         "    return s\n")
+    return f
+
+
+def test_plan_command_on_a_run(trained_run, tmp_path):
+    sweep_file = _sweep_file(tmp_path, trained_run, "(32, 64)", "(1e11, 2e11), (8e11,), 2")
     wd = tmp_path / "sweep"
     assert cli_run(["sweep", "plan", "--config", str(sweep_file), "--workdir", str(wd)]) == 0
     plan = json.loads((wd / "plan.json").read_text())
     assert len(plan["points"]) + len(plan["skipped"]) == 6 and plan["sweep"]["source_run"] == trained_run
     assert len(plan["points"]) >= 4 and all(s["why"] for s in plan["skipped"])
     assert all(abs(p["flops"] / p["budget"] - 1) <= 0.01 for p in plan["points"])
-    assert cli_run(["sweep", "run", "--config", str(sweep_file), "--workdir", str(wd)]) == 2  # not built yet
+    assert cli_run(["sweep", "fit", "--config", str(sweep_file), "--workdir", str(wd)]) == 2  # not built yet
+
+
+def _plan_file(wd, names_widths):
+    wd.mkdir(parents=True, exist_ok=True)
+    points = [dict(name=n, budget=1e10, holdout=False, params=1000 * w, non_embedding_params=500 * w, flops=1e10,
+                   tokens=1e5, steps=3, hidden_size=w, depth=1, num_heads=w // 16, learning_rate=1e-3)
+              for n, w in names_widths]
+    (wd / "plan.json").write_text(json.dumps({"points": points, "skipped": []}))
+
+
+def test_run_skips_finished_points_and_records_failures(tmp_path, monkeypatch):
+    """The run loop without training (train_dit stubbed): a failing point is recorded and the
+    sweep goes on; a second run skips what finished and retries what failed; --point runs one."""
+    from sora_jax.sweeps import commands
+
+    source = tmp_path / "source"
+    for name in ("data", "vae", "latents"):
+        (source / name).mkdir(parents=True)
+    sweep = _sweep(source_run=str(source))
+    wd = tmp_path / "sweep"
+    _plan_file(wd, [("C1e10-N32K", 32), ("C1e10-N48K", 48), ("C1e10-N64K", 64)])
+    calls = []
+
+    def fake_train(cfg, workdir, progress):
+        calls.append(pathlib.Path(workdir).name)
+        if cfg.dit.hidden_size == 48 and calls.count("C1e10-N48K") == 1:
+            raise RuntimeError("out of memory")
+        assert (pathlib.Path(workdir) / "vae").is_symlink()  # the source run's, shared read-only
+        return {"heldout_loss": 1.0 / cfg.dit.hidden_size}
+
+    monkeypatch.setattr(commands, "train_dit", fake_train)
+    out = commands.run(sweep, str(wd))
+    assert out["finished"] == ["C1e10-N32K", "C1e10-N64K"] and list(out["failed"]) == ["C1e10-N48K"]
+    assert "out of memory" in out["failed"]["C1e10-N48K"]
+    again = commands.run(sweep, str(wd))
+    assert again["skipped_finished"] == ["C1e10-N32K", "C1e10-N64K"] and again["finished"] == ["C1e10-N48K"]
+    assert calls == ["C1e10-N32K", "C1e10-N48K", "C1e10-N64K", "C1e10-N48K"]
+    rows = [json.loads(x) for x in (wd / "results.jsonl").read_text().splitlines()]
+    finished = [r for r in rows if r["status"] == "finished"]
+    assert sorted(r["name"] for r in finished) == ["C1e10-N32K", "C1e10-N48K", "C1e10-N64K"]
+    assert finished[0]["loss"] == 1.0 / 32 and finished[0]["config_sha256"]
+    assert [r["status"] for r in rows].count("failed") == 1
+    assert commands.run(sweep, str(wd), point="C1e10-N64K")["skipped_finished"] == ["C1e10-N64K"]
+    with pytest.raises(Exception, match="no point 'C9'"):
+        commands.run(sweep, str(wd), point="C9")
+
+
+@pytest.mark.slow  # about 4 minutes: six real tiny trainings, a kill, a resume
+def test_sweep_runs_end_to_end_killed_and_resumed(trained_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep_file = _sweep_file(tmp_path, trained_run, "(32, 48, 64)", "(3.5e10, 7e10), (), 40")
+    wd = tmp_path / "sweep"
+    assert cli_run(["sweep", "plan", "--config", str(sweep_file), "--workdir", str(wd)]) == 0
+    cmd = [sys.executable, "-m", "sora_jax.cli", "sweep", "run", "--config", str(sweep_file), "--workdir", str(wd),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = wd / "results.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (results.exists() and results.read_text().count("finished") >= 2):
+        time.sleep(1)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-sweep: two points done, the third interrupted
+    proc.wait()
+    done_before = [json.loads(x)["name"] for x in results.read_text().splitlines()]
+    assert len(done_before) >= 2
+    first_ckpt = wd / "points" / done_before[0] / "dit" / "checkpoints"
+    stamp = sorted((p.name, p.stat().st_mtime_ns) for p in first_ckpt.iterdir())
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    assert summary["skipped_finished"] == done_before and not summary["failed"]
+    rows = [json.loads(x) for x in results.read_text().splitlines()]
+    assert sorted(r["name"] for r in rows) == sorted(p["name"] for p in json.loads((wd / "plan.json").read_text())
+                                                     ["points"])  # one row per point: none redone
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in first_ckpt.iterdir()) == stamp

@@ -1,15 +1,23 @@
 """``sora-jax sweep``: the steps of a scaling-law sweep over the sweep's work folder.
 
   plan    the grid (:mod:`sora_jax.sweeps.plan`) -> ``<workdir>/plan.json`` and a table
+  run     trains every point (or ``--point NAME``, one cluster job per point) in
+          ``<workdir>/points/<name>/`` with the existing trainer and its Orbax resume: a finished
+          point is skipped, an interrupted one resumes from its last checkpoint, a failed one is
+          recorded with its error and the sweep goes on. Each finished point appends one row to
+          ``<workdir>/results.jsonl``: held-out loss (fixed noise and timesteps), parameters,
+          FLOPs, tokens, steps, wall time and the point's config hash.
 
-``run``, ``fit`` and ``report`` come next (issue 19): ``run`` trains each point in
-``<workdir>/points/<name>/`` with the existing trainer, ``fit`` calls :mod:`sora_jax.sweeps.fit`.
+``fit`` and ``report`` come next (issue 19); ``fit`` calls :mod:`sora_jax.sweeps.fit`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
+import traceback
 from typing import Any
 
 import ml_collections
@@ -18,10 +26,18 @@ from sora_jax import config as config_lib
 from sora_jax.config_validation import validate_config
 from sora_jax.data.pipeline import packed_dataset
 from sora_jax.errors import StageError
-from sora_jax.stages.dit import dit_sources
-from sora_jax.sweeps.plan import batch_examples, format_budget, plan_points
+from sora_jax.interop.run_weights import config_sha256
+from sora_jax.stages.dit import dit_sources, train_dit
+from sora_jax.sweeps.plan import batch_examples, format_budget, plan_points, point_config
+from sora_jax.train.run_folder import paths
 
-__all__ = ["base_config", "plan", "probe_examples"]
+log = logging.getLogger(__name__)
+
+__all__ = ["base_config", "plan", "probe_examples", "run", "run_point"]
+
+# what a point's folder shares with the sweep's source run (read only): prepared data, the VAE
+# and the encoded latents
+_SHARED = ("data", "vae", "latents")
 
 
 def base_config(sweep: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -82,4 +98,101 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     out["table"] = [f"{p.name:>18} C={format_budget(p.budget):>7}{' (holdout)' if p.holdout else '':10} "
                     f"w={p.hidden_size:<4} depth={p.depth:<2} heads={p.num_heads:<2} N={p.params:>9,} "
                     f"D={p.tokens:>12,.0f} steps={p.steps:>6} flops/C={p.flops / p.budget:.4f}" for p in points]
+    return out
+
+
+def _read_plan(workdir: str) -> dict[str, Any]:
+    path = os.path.join(workdir, "plan.json")
+    if not os.path.isfile(path):
+        raise StageError(f"{path} is missing: run `sora-jax sweep plan` first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _status(point_dir: str) -> dict[str, Any]:
+    path = os.path.join(point_dir, "status.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def run_point(sweep: ml_collections.ConfigDict, workdir: str, point: dict[str, Any], *,
+              progress: bool = False) -> dict[str, Any]:
+    """Trains one planned point (resuming its checkpoints) and returns its results row; a
+    finished point returns its recorded row without training.
+
+    Raises:
+      whatever training raises (:func:`run` records it).
+    """
+    point_dir = os.path.join(workdir, "points", point["name"])
+    status = _status(point_dir)
+    if status.get("status") == "finished":
+        return status["row"]
+    os.makedirs(point_dir, exist_ok=True)
+    source = os.path.abspath(sweep.source_run)
+    for name in _SHARED:
+        link = paths(point_dir)[name]
+        if not os.path.lexists(link):
+            os.symlink(paths(source)[name], link)
+    cfg = point_config(base_config(sweep), sweep, int(point["hidden_size"]), int(point["steps"]))
+    _write_json(os.path.join(point_dir, "status.json"), {"status": "running", "started": time.time()})
+    t0 = time.perf_counter()
+    summary = train_dit(cfg, point_dir, progress)
+    row = dict(name=point["name"], budget=point["budget"], holdout=point["holdout"], params=point["params"],
+               non_embedding_params=point["non_embedding_params"], flops=point["flops"], tokens=point["tokens"],
+               steps=point["steps"], hidden_size=point["hidden_size"], depth=point["depth"],
+               learning_rate=point["learning_rate"], loss=float(summary["heldout_loss"]),
+               wall_seconds=round(time.perf_counter() - t0, 2), config_sha256=config_sha256(cfg),
+               status="finished")
+    _write_json(os.path.join(point_dir, "status.json"), {"status": "finished", "row": row})
+    with open(os.path.join(workdir, "results.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def run(sweep: ml_collections.ConfigDict, workdir: str, *, point: str | None = None,
+        progress: bool = False) -> dict[str, Any]:
+    """Runs the planned points (all, or the one named ``point``) in plan order.
+
+    Returns:
+      ``{"finished": [names], "failed": {name: error}, "skipped_finished": [names]}``.
+
+    Raises:
+      StageError: no plan, or an unknown ``point``; with ``point`` given, its failure (the
+        cluster job's exit code then says so).
+    """
+    planned = _read_plan(workdir)["points"]
+    if point is not None:
+        chosen = [p for p in planned if p["name"] == point]
+        if not chosen:
+            raise StageError(f"no point {point!r} in the plan; points: {[p['name'] for p in planned]}")
+        planned = chosen
+    out: dict[str, Any] = {"finished": [], "failed": {}, "skipped_finished": []}
+    for p in planned:
+        point_dir = os.path.join(workdir, "points", p["name"])
+        if _status(point_dir).get("status") == "finished":
+            out["skipped_finished"].append(p["name"])
+            continue
+        try:
+            run_point(sweep, workdir, p, progress=progress)
+            out["finished"].append(p["name"])
+        except Exception as e:  # noqa: BLE001 - one point's failure does not stop the sweep
+            msg = f"{type(e).__name__}: {e}"
+            log.error("sweep point %s failed: %s", p["name"], msg)
+            os.makedirs(point_dir, exist_ok=True)
+            _write_json(os.path.join(point_dir, "status.json"),
+                        {"status": "failed", "error": msg, "traceback": traceback.format_exc()})
+            with open(os.path.join(workdir, "results.jsonl"), "a") as f:
+                f.write(json.dumps(dict(name=p["name"], budget=p["budget"], status="failed", error=msg)) + "\n")
+            out["failed"][p["name"]] = msg
+            if point is not None:
+                raise StageError(f"sweep point {p['name']} failed: {msg}") from e
     return out
