@@ -58,7 +58,7 @@ def test_export_folder(exported):
     assert os.path.isfile(os.path.join(out, "README.md")) and os.path.isfile(os.path.join(out, "export.json"))
 
 
-@pytest.mark.parametrize("solver", ["euler", "unipc"])
+@pytest.mark.parametrize("solver", [pytest.param("euler", marks=pytest.mark.slow), "unipc"])
 def test_serving_in_a_fresh_process_equals_generate(exported, tmp_path, solver):
     run, out = exported
     cfg = read_config(run)

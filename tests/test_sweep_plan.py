@@ -81,6 +81,7 @@ def _sweep_file(tmp_path, source_run, widths, budgets_holdout_min_steps):
     return f
 
 
+@pytest.mark.slow  # the CLI path; plan_points is tested above and the slow end-to-end sweep plans too
 def test_plan_command_on_a_run(trained_run, tmp_path):
     sweep_file = _sweep_file(tmp_path, trained_run, "(32, 64)", "(1e11, 2e11), (8e11,), 2")
     wd = tmp_path / "sweep"
