@@ -359,6 +359,7 @@ def _slopes(widths, values):
     return np.polyfit(np.log2(widths), v, 1)[0]
 
 
+@pytest.mark.slow  # about 40 s on 2 cores (5 compiles); `make test-all` runs it, the CI default run stays < 15 min
 def test_coordinate_check(monkeypatch):
     """4 Adam steps (the first at warm-up's learning rate 0) at learning rate 3e-2 on a fixed batch,
     widths 32-256. μP: every layer's activation RMS and its change from init stay within a factor
