@@ -27,7 +27,7 @@ import ml_collections
 from sora_jax.errors import StageError
 from sora_jax.interop import weights_export
 from sora_jax.interop.stablehlo_export import export_stablehlo
-from sora_jax.parallel.mesh import MeshError, create_mesh
+from sora_jax.parallel.mesh import create_mesh
 from sora_jax.train.host_memory import map_large_allocations
 
 __all__ = ["FORMATS", "export_command", "export_run"]
@@ -85,7 +85,7 @@ def export_run(cfg: ml_collections.ConfigDict, workdir: str, fmt: str, out: str,
     try:
         report = _write(cfg, workdir, fmt, target, dtype=dtype, step=step, weights=weights, platforms=platforms,
                         solvers=solvers, mesh=mesh, rules=rules)
-    except (StageError, MeshError):
+    except StageError:
         raise
     except Exception as e:  # noqa: BLE001 - one line, whatever failed below
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""

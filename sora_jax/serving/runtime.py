@@ -189,7 +189,7 @@ class ServingModel:
             states, keep = self.encode_text(negative_prompt)
             neg, nseg = np.zeros_like(txt), np.zeros_like(tseg)
             kept = int(keep.sum())
-            for e, (row, (start, slot)), (_, _, _) in zip(examples, rows, placed):
+            for row, (start, slot) in rows:
                 neg[row, slot * n_text:slot * n_text + kept] = states[:kept]
                 nseg[row, slot * n_text:slot * n_text + kept] = seg[row, start]
         w = np.full((n_rows,), guidance, np.float32)
