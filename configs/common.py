@@ -60,10 +60,12 @@ def packing_section(**overrides) -> dict:
       prefetch; the same batches as 0 = in the training process). Worth it where that work is
       heavy, large stored latents on a host with cores to spare (benchmarks/input_pipeline.py);
       for small latents moving examples between processes costs more than the work.
+    heldout_at_t: times t in (0, 1) at which the end-of-training held-out loss is also scored
+      with every token at that t (``heldout_loss_at_t``; scaling sweeps record it); () = none.
     """
     cfg = dict(row_length=256, text_length=64, max_tokens=256, resolution="native", min_scale=0.5,
                token_drop_rate=0.0, token_drop_distribution="fixed", packing_bins=8,
-               max_examples_per_row=8, data="", real_clips=False, data_workers=0)
+               max_examples_per_row=8, data="", real_clips=False, data_workers=0, heldout_at_t=())
     cfg.update(overrides)
     return cfg
 

@@ -135,6 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # output multipliers scaled by width / mup_base_width, equal to "sp" at that width)
         parameterization="sp",
         mup_base_width=None,  # with "mup": the width whose tuned hyperparameters transfer
+        mup_base_head_dim=None,  # with "mup": the base's head dimension (None: same heads as this model)
     )
     # base_tokens 5: a 9x32x32 clip (48 tokens) trains and samples at shift sqrt(48/5) = 3.1
     # (the cap 3), an image (16 tokens) at 1.8; at shift 1 (base_tokens 48) direction accuracy

@@ -18,17 +18,30 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.name = "sweep_cpu"
     c.base = "quickstart"  # the run config every point starts from
-    c.base_overrides = ["dit_train.ema.profile='none'", "dit_train.checkpoint_every=500", "dit_train.log_every=100"]
+    c.base_overrides = ["dit_train.ema.profile='none'", "dit_train.checkpoint_every=500", "dit_train.log_every=100",
+                        "dit_train.heldout_at_t=(0.25,0.5,0.75)"]
     c.source_run = "runs/quickstart"  # data/, vae/ and latents/ of a finished run
     # training FLOPs (3x forward of the real tokens, attention included); the held-out budget is
     # 4x the largest fit budget, to test the laws' prediction
-    c.budgets = (3e13, 6e13, 1.2e14)
-    c.holdout_budgets = (4.8e14,)
+    c.budgets = (1e12, 2e12, 4e12)
+    c.holdout_budgets = (1.6e13,)
     # the model family: width w, depth round(w / aspect), heads of head_dim features
     c.widths = (32, 48, 64, 96, 128, 192)
+    # the sizes trained at the held-out budget: three around the N* the fit budgets' laws predict
+    # for it (`sora-jax sweep fit` prints it), so its measured best loss is a minimum, not an edge
+    c.holdout_widths = (96, 128, 192)
     c.family = ml_collections.ConfigDict(dict(aspect=32.0, head_dim=16))
-    # learning rate lr.base x (lr.base_width / w) ^ lr.width_exponent; warm-up a fraction of the steps
-    c.lr = ml_collections.ConfigDict(dict(base=1e-3, base_width=64, width_exponent=0.0, warmup_fraction=0.05))
-    c.min_steps, c.max_steps = 100, 20000
+    # learning rate lr.base x (lr.base_width / w) ^ lr.width_exponent (SP's Adam rates fall with
+    # width; 2e-3 is the quickstart's tuned rate at width 128); warm-up a fraction of the steps
+    c.lr = ml_collections.ConfigDict(dict(base=2e-3, base_width=128, width_exponent=0.5, warmup_fraction=0.05))
+    c.min_steps, c.max_steps = 100, 10000
+    # two fit points again with seeds 1 and 2 (init, data order and noise): the noise of a point's
+    # loss, against which the prediction error is read
+    c.repeats = ml_collections.ConfigDict(dict(points=((1e12, 64), (4e12, 64)), seeds=(1, 2)))
     c.probe_batches = 32  # batches of the data pipeline that measure the FLOPs of a step
+    # learning rate x width at fixed depth and steps, under SP and μP (base width = the smallest):
+    # where the best rate sits per width (μP's promise: it does not move)
+    c.lr_transfer = ml_collections.ConfigDict(dict(
+        widths=(32, 64, 128), depth=2, steps=300, learning_rates=(5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+        parameterizations=("sp", "mup"), mup_base_width=32))
     return c

@@ -134,8 +134,9 @@ def _parser(tools) -> argparse.ArgumentParser:
                     help="stablehlo: comma-separated lowering platforms among cpu, cuda, tpu (one program for all)")
     ex.add_argument("--solvers", default=None,
                     help="stablehlo: comma-separated sampler steps to export (default: the config's sample.solver)")
-    sw = add("sweep", "scaling-law sweeps: plan the IsoFLOP grid of a sweep config (--config sweep_cpu) and "
-                      "run its points (resumable); fit and report are being built")
+    sw = add("sweep", "scaling-law sweeps (--config sweep_cpu): plan the IsoFLOP grid, run its points "
+                      "(resumable; --point for one cluster job per point), fit the laws, report (plots, table, "
+                      "summary.json)")
     sw.add_argument("action", choices=("plan", "run", "fit", "report"))
     sw.add_argument("--point", default=None, help="run: only this point (one cluster job per point)")
     for name, ep in tools.items():  # listed for --help; run() hands them their argv
@@ -214,8 +215,11 @@ def run(argv: list[str] | None = None) -> int:
                 out = {"points": len(out["points"]), "skipped": out["skipped"]}
             elif args.action == "run":
                 out = sweep_commands.run(sweep, wd, point=args.point, progress=not args.no_progress)
+            elif args.action == "fit":
+                out = sweep_commands.fit(sweep, wd)
             else:
-                raise StageError(f"sweep {args.action}: not built yet (plan and run are); see issue 19")
+                out = sweep_commands.report(sweep, wd)
+                out.pop("holdout", None)
             print(json.dumps(out, indent=2, default=str))
             return 0
         if args.command == "import-weights":  # a new run folder: its config comes from the checkpoint

@@ -273,6 +273,8 @@ def check_dit(cfg: ml_collections.ConfigDict):
         _int(d, "mup_base_width", "dit", 1)
     elif d.get("mup_base_width") is not None:
         _int(d, "mup_base_width", "dit", 1)
+    if d.get("mup_base_head_dim") is not None:
+        _int(d, "mup_base_head_dim", "dit", 1)
     try:
         jnp.dtype(d.dtype)
     except TypeError:
@@ -317,6 +319,9 @@ def check_dit_train(cfg: ml_collections.ConfigDict):
     _int(t, "packing_bins", "dit_train", 1)
     _int(t, "max_examples_per_row", "dit_train")  # 0 = no cap
     _int(t, "data_workers", "dit_train")
+    at_t = t.get("heldout_at_t", ())
+    if not isinstance(at_t, (tuple, list)) or not all(isinstance(v, (int, float)) and 0.0 < v < 1.0 for v in at_t):
+        raise _bad("dit_train.heldout_at_t", f"{at_t!r} must be a tuple of times in (0, 1), e.g. (0.25, 0.5, 0.75)")
     if not isinstance(t.data, str):
         raise _bad("dit_train.data", f"must be a string 'prefix[:weight],...', got {t.data!r}")
     try:

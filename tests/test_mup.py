@@ -384,3 +384,20 @@ def test_coordinate_check(monkeypatch):
     assert np.all(np.asarray(mup_delta) > 0.01), report  # every layer did learn
     assert sp_dslopes.max() > 0.6, report
     assert np.asarray(sp_delta)[-1].max() > 4 * np.asarray(mup_delta)[-1].max(), report
+
+
+def test_query_scale_with_a_fixed_head_dimension():
+    """A family that widens by adding heads of fixed width keeps 1/sqrt(d_head): no μP factor;
+    the default (same heads as the base) is 1/sqrt(m)."""
+    from sora_jax.models.mup import attention_query_scale
+
+    assert attention_query_scale(4.0) == 0.5
+    assert attention_query_scale(4.0, 16, 16) == 1.0
+    assert attention_query_scale(4.0, 64, 16) == 0.5
+    with pytest.raises(ValueError, match="base_head_dim"):
+        attention_query_scale(4.0, None, 16)
+    hidden, heads = OLD_FIELDS["hidden_size"], OLD_FIELDS["num_heads"]
+    cfg = ml_collections.ConfigDict(dict(OLD_FIELDS, parameterization="mup", mup_base_width=hidden // 4,
+                                         mup_base_head_dim=hidden // heads))
+    model = DiT.from_config(cfg, IN_DIM, rngs=nnx.Rngs(0))
+    assert model.mup_width_mult == 4.0 and model.blocks[0].attn.query_scale == 1.0

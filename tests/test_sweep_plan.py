@@ -22,6 +22,7 @@ def _sweep(**kw):
     c.family = ml_collections.ConfigDict(dict(aspect=32.0, head_dim=16))
     c.budgets, c.holdout_budgets = (2e10, 4e10), (1.6e11,)
     c.min_steps, c.max_steps, c.probe_batches = 5, 100000, 4
+    c.repeats, c.lr_transfer, c.holdout_widths = None, None, None
     c.update(kw)
     return c
 
@@ -90,7 +91,8 @@ def test_plan_command_on_a_run(trained_run, tmp_path):
     assert len(plan["points"]) + len(plan["skipped"]) == 6 and plan["sweep"]["source_run"] == trained_run
     assert len(plan["points"]) >= 4 and all(s["why"] for s in plan["skipped"])
     assert all(abs(p["flops"] / p["budget"] - 1) <= 0.01 for p in plan["points"])
-    assert cli_run(["sweep", "fit", "--config", str(sweep_file), "--workdir", str(wd)]) == 2  # not built yet
+    # no point has run: fit says so (exit 2) instead of fitting nothing
+    assert cli_run(["sweep", "fit", "--config", str(sweep_file), "--workdir", str(wd)]) == 2
 
 
 def _plan_file(wd, names_widths):
@@ -170,3 +172,45 @@ def test_sweep_runs_end_to_end_killed_and_resumed(trained_run, tmp_path):
     assert sorted(r["name"] for r in rows) == sorted(p["name"] for p in json.loads((wd / "plan.json").read_text())
                                                      ["points"])  # one row per point: none redone
     assert sorted((p.name, p.stat().st_mtime_ns) for p in first_ckpt.iterdir()) == stamp
+
+
+def test_repeat_and_learning_rate_transfer_points():
+    """Repeats copy a grid point with another seed; the transfer grid is width x rate at fixed
+    depth and steps, μP with the family's head dimension as the base's (heads of fixed width)."""
+    base = config_lib.load_config("tiny")
+    probe = [[(64, 8), (48, 8)]]
+    lt = ml_collections.ConfigDict(dict(widths=(32, 64), depth=1, steps=7, learning_rates=(1e-3, 2e-3),
+                                        parameterizations=("sp", "mup"), mup_base_width=32))
+    rep = ml_collections.ConfigDict(dict(points=((2e10, 64),), seeds=(5,)))
+    points, _ = plan_points(base, _sweep(lr_transfer=lt, repeats=rep), probe)
+    by_name = {p.name: p for p in points}
+    grid = [p for p in points if p.kind == "isoflop" and p.budget == 2e10 and p.hidden_size == 64][0]
+    again = by_name[f"{grid.name}-s5"]
+    assert (again.kind, again.seed, again.steps, again.flops) == ("repeat", 5, grid.steps, grid.flops)
+    lr_points = [p for p in points if p.kind == "lr_transfer"]
+    assert sorted(p.name for p in lr_points) == sorted(f"LR-{k}-w{w}-lr{r}" for k in ("sp", "mup") for w in (32, 64)
+                                                       for r in ("1e-3", "2e-3"))
+    assert {(p.depth, p.steps) for p in lr_points} == {(1, 7)}
+    assert all(p.flops == pytest.approx(p.budget) for p in lr_points)
+    cfg = point_config(base, _sweep(lr_transfer=lt), 64, 7, depth=1, lr=2e-3, parameterization="mup", seed=5)
+    assert (cfg.dit.parameterization, cfg.dit.mup_base_width, cfg.dit.mup_base_head_dim) == ("mup", 32, 16)
+    assert (cfg.dit.depth, cfg.dit_train.learning_rate, cfg.seed, cfg.dit_train.seed) == (1, 2e-3, 5, 5)
+    with pytest.raises(ValueError, match="not an IsoFLOP point"):
+        plan_points(base, _sweep(repeats=ml_collections.ConfigDict(dict(points=((2e10, 48),), seeds=(1,)))), probe)
+
+
+def test_heldout_losses_at_fixed_times(trained_run):
+    """The held-out loss at fixed t: same noise, so repeatable; the mean is the training-time
+    held-out loss; every token at t = 0.25 scores differently from t = 0.75."""
+    from sora_jax.models.factory import build_dit
+    from sora_jax.stages.dit import dit_heldout_loss, dit_heldout_losses
+    from sora_jax.train.run_folder import paths, read_config, restore
+
+    cfg = read_config(trained_run)
+    dit = build_dit(cfg)  # trained: an untrained DiT's zero-initialised output scores every t alike
+    restore(dit, paths(trained_run)["dit"], "dit")
+    a = dit_heldout_losses(cfg, trained_run, dit, num_batches=1, at_t=(0.25, 0.75))
+    assert set(a) == {"mean", "t=0.25", "t=0.75"} and all(np.isfinite(v) for v in a.values())
+    assert a == dit_heldout_losses(cfg, trained_run, dit, num_batches=1, at_t=(0.25, 0.75))
+    assert a["mean"] == dit_heldout_loss(cfg, trained_run, dit, num_batches=1)
+    assert a["t=0.25"] != a["t=0.75"]

@@ -396,6 +396,10 @@ class DiT(nnx.Module):
         ``mup_base_width``; the per-parameter learning rates come from
         :func:`sora_jax.models.mup.lr_multipliers`). Under "sp" nothing of μP is applied.
       mup_base_width: the width at which μP equals SP (required with "mup"; ignored with "sp").
+      mup_base_head_dim: the base model's head dimension (μP's attention factor
+        sqrt(mup_base_head_dim / head_dim)); None = the base model has the same heads, so its
+        head dimension is head_dim / m and the factor 1/sqrt(m). A family that widens by adding
+        heads of a fixed dimension sets it to that dimension (the factor is then 1).
       rngs: NNX random streams.
 
     Wan 2.1's transformer (diffusers ``WanTransformer3DModel``) is this class with
@@ -428,7 +432,8 @@ class DiT(nnx.Module):
                  condition_groups: int = DEFAULT_MAX_GROUPS, text_null_token: bool = True,
                  pooled_text: bool = True, final_modulation: str = "linear", context_flag: bool = True,
                  out_dim: int | None = None, image_dim: int | None = None, image_pos_len: int | None = None,
-                 parameterization: str = "sp", mup_base_width: int | None = None, rngs: nnx.Rngs):
+                 parameterization: str = "sp", mup_base_width: int | None = None,
+                 mup_base_head_dim: int | None = None, rngs: nnx.Rngs):
         if condition_groups < 0:
             raise ValueError(f"condition_groups must be >= 0, got {condition_groups}")
         if adaln not in ADALN_KINDS:
@@ -450,8 +455,8 @@ class DiT(nnx.Module):
         # μP's width multiplier m (1.0 under SP, where it is not used)
         self.parameterization = parameterization
         self.mup_width_mult = width_multiplier(hidden_size, mup_base_width) if mup else 1.0
-        query_scale = attention_query_scale(self.mup_width_mult) if mup else None
         head_dim = hidden_size // num_heads
+        query_scale = attention_query_scale(self.mup_width_mult, head_dim, mup_base_head_dim) if mup else None
         axes = tuple(rope_axes_dims) if rope_axes_dims is not None else default_rope_axes_dims(head_dim)
         if len(axes) != 3 or sum(axes) != head_dim or any(a % 2 for a in axes):
             raise ValueError(f"rope_axes_dims {axes} must be 3 even ints summing to "
@@ -545,7 +550,7 @@ class DiT(nnx.Module):
                    context_flag=cfg.get("context_flag", True),
                    out_dim=out_dim, image_dim=cfg.get("image_dim"), image_pos_len=cfg.get("image_pos_len"),
                    parameterization=cfg.get("parameterization", "sp"), mup_base_width=cfg.get("mup_base_width"),
-                   dtype=jnp.dtype(cfg["dtype"]), rngs=rngs)
+                   mup_base_head_dim=cfg.get("mup_base_head_dim"), dtype=jnp.dtype(cfg["dtype"]), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
                  timesteps: jax.Array, text: jax.Array | None = None,

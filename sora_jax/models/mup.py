@@ -46,7 +46,8 @@ number of heads, so d_base = b / num_heads = d_head / m and the multiplier on th
 sqrt(d_base / d_head) = 1/sqrt(m); it is applied to the queries after QK-norm and RoPE (every
 attention backend keeps its 1/sqrt(d_head)), in self- and cross-attention alike. A sweep that
 widens the model by adding heads at a fixed head dimension is not what this rule assumes
-(there 1/d_head is a constant and no extra factor is due); set the base width accordingly.
+(there 1/d_head is a constant and no extra factor is due): it sets ``mup_base_head_dim`` to that
+dimension, and the factor becomes sqrt(mup_base_head_dim / d_head) = 1.
 
 The output rule: TP5 Table 3 gives the output weights init var 1/fan_in^2 and Adam LR
 1/fan_in; we use its multiplier form (the ``mup`` package's ``MuReadout``): the output layer's
@@ -200,10 +201,21 @@ def output_multiplier(width_mult: float) -> float:
     return 1.0 / width_mult
 
 
-def attention_query_scale(width_mult: float) -> float:
-    """The factor on the queries: sqrt(d_base / d_head) = 1/sqrt(m), so the logits are
-    q.k sqrt(d_base) / d_head (module doc)."""
-    return 1.0 / math.sqrt(width_mult)
+def attention_query_scale(width_mult: float, head_dim: int | None = None,
+                          base_head_dim: int | None = None) -> float:
+    """The factor on the queries: sqrt(d_base / d_head), so the logits are q.k sqrt(d_base) / d_head
+    (module doc). ``base_head_dim`` None: the base model has the same heads, d_base = d_head / m
+    and the factor is 1/sqrt(m); given (a family with heads of fixed width sets it to that width):
+    sqrt(base_head_dim / head_dim).
+
+    Raises:
+      ValueError: ``base_head_dim`` given without ``head_dim``, or not positive.
+    """
+    if base_head_dim is None:
+        return 1.0 / math.sqrt(width_mult)
+    if head_dim is None or base_head_dim <= 0:
+        raise ValueError(f"base_head_dim {base_head_dim} needs a positive value and the head_dim")
+    return math.sqrt(base_head_dim / head_dim)
 
 
 def scale_by_multipliers(multipliers) -> optax.GradientTransformation:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -177,14 +177,30 @@ def train_dit(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
                     rules=rules)
     if not str(cfg.dit_train.data).strip():
         # of the weights sampling uses: the EMA's where the run keeps one
-        summary["heldout_loss_raw"] = dit_heldout_loss(cfg, workdir, dit)
-        summary["heldout_loss"] = (summary["heldout_loss_raw"] if task.ema is None
-                                   else dit_heldout_loss(cfg, workdir, task.ema.weights))
+        at_t = tuple(cfg.dit_train.get("heldout_at_t", ()) or ())
+        sampled = dit_heldout_losses(cfg, workdir, dit if task.ema is None else task.ema.weights, at_t=at_t)
+        summary["heldout_loss"] = sampled.pop("mean")
+        summary["heldout_loss_raw"] = (summary["heldout_loss"] if task.ema is None
+                                       else dit_heldout_loss(cfg, workdir, dit))
+        if at_t:
+            summary["heldout_loss_at_t"] = sampled
     return summary
 
 
 def dit_heldout_loss(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Module, num_batches: int = 4) -> float:
     """Mean rectified-flow loss on held-out digit instances (``moving_mnist_eval``), fixed noise."""
+    return dit_heldout_losses(cfg, workdir, dit, num_batches=num_batches)["mean"]
+
+
+def dit_heldout_losses(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Module, *, num_batches: int = 4,
+                       at_t: Sequence[float] = ()) -> dict[str, float]:
+    """Held-out rectified-flow losses on digit instances (``moving_mnist_eval``), fixed noise.
+
+    Returns:
+      ``{"mean": loss with timesteps drawn as in training (a fixed key per batch)}`` plus, for each
+      t in ``at_t`` (in (0, 1)), ``{f"t={t:g}": loss with every token at time t}`` (same noise):
+      the mean hides where along the path a model is better (scaling sweeps, issue 19).
+    """
     codec = load_codec(cfg, workdir)
     data = read_dataset(datasets(workdir)["moving_mnist_eval"])
     records = [data[i] for i in range(len(data))]
@@ -198,8 +214,10 @@ def dit_heldout_loss(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Modu
     t = cfg.dit_train
     kwargs = dict(cfg.flow.to_dict(), caption_dropout=0.0)
     graphdef, state = nnx.split(dit)
-    loss_jit = jax.jit(lambda st, b, k: rectified_flow_loss(nnx.merge(graphdef, st), b, k, **kwargs)[0])
-    losses, k = [], 10  # examples per scored batch, each in its own row
+    loss_jit = jax.jit(lambda st, b, k, ts: rectified_flow_loss(nnx.merge(graphdef, st), b, k, timesteps=ts,
+                                                                **kwargs)[0])
+    losses: dict[str, list[float]] = {"mean": [], **{f"t={v:g}": [] for v in at_t}}
+    k = 10  # examples per scored batch, each in its own row
     for b in range(num_batches):
         chunk = examples[b * k : (b + 1) * k]
         if not chunk:
@@ -208,5 +226,9 @@ def dit_heldout_loss(cfg: ml_collections.ConfigDict, workdir: str, dit: nnx.Modu
         batch, _, dropped = pack(chunk, batch_size=len(chunk), length=t.row_length, text_length=t.text_length)
         assert dropped == 0
         batch = {key: batch[key] for key in PACKED_KEYS}
-        losses.append(float(loss_jit(state, batch, jax.random.key(1000 + b))))
-    return float(np.mean(losses))
+        key = jax.random.key(1000 + b)
+        losses["mean"].append(float(loss_jit(state, batch, key, None)))
+        for v in at_t:
+            ts = np.full(batch["segment_ids"].shape, float(v), np.float32)
+            losses[f"t={v:g}"].append(float(loss_jit(state, batch, key, ts)))
+    return {name: float(np.mean(vals)) for name, vals in losses.items()}

@@ -6,9 +6,12 @@
           point is skipped, an interrupted one resumes from its last checkpoint, a failed one is
           recorded with its error and the sweep goes on. Each finished point appends one row to
           ``<workdir>/results.jsonl``: held-out loss (fixed noise and timesteps), parameters,
-          FLOPs, tokens, steps, wall time and the point's config hash.
+          FLOPs, tokens, steps, wall time and the point's config hash; ``loss_at_t``: the held-out
+          loss at the fixed times ``dit_train.heldout_at_t`` (same noise).
 
-``fit`` and ``report`` come next (issue 19); ``fit`` calls :mod:`sora_jax.sweeps.fit`.
+  fit     the laws (:mod:`sora_jax.sweeps.fit`) of the finished IsoFLOP points of the fit budgets
+          -> ``<workdir>/laws.json``, with the predictions at the held-out budgets
+  report  plots, the results table and ``<workdir>/summary.json`` (:mod:`sora_jax.sweeps.report`)
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from sora_jax.data.pipeline import packed_dataset
 from sora_jax.errors import StageError
 from sora_jax.interop.run_weights import config_sha256
 from sora_jax.stages.dit import dit_sources, train_dit
+from sora_jax.sweeps.fit import fit_laws, predict, read_laws, write_laws
 from sora_jax.sweeps.plan import batch_examples, format_budget, plan_points, point_config
+from sora_jax.sweeps.report import write_report
+from sora_jax.sweeps.results import fit_rows, read_rows
 from sora_jax.train.run_folder import paths
 
 log = logging.getLogger(__name__)
 
-__all__ = ["base_config", "plan", "probe_examples", "run", "run_point"]
+__all__ = ["base_config", "fit", "plan", "probe_examples", "report", "run", "run_point"]
 
 # what a point's folder shares with the sweep's source run (read only): prepared data, the VAE
 # and the encoded latents
@@ -95,9 +101,10 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with open(tmp, "w") as f:
         json.dump(out, f, indent=2)
     os.replace(tmp, os.path.join(workdir, "plan.json"))
-    out["table"] = [f"{p.name:>18} C={format_budget(p.budget):>7}{' (holdout)' if p.holdout else '':10} "
+    out["table"] = [f"{p.name:>22} C={format_budget(p.budget):>7}{' (holdout)' if p.holdout else '':10} "
                     f"w={p.hidden_size:<4} depth={p.depth:<2} heads={p.num_heads:<2} N={p.params:>9,} "
-                    f"D={p.tokens:>12,.0f} steps={p.steps:>6} flops/C={p.flops / p.budget:.4f}" for p in points]
+                    f"D={p.tokens:>12,.0f} steps={p.steps:>6} lr={p.learning_rate:.3g} flops/C={p.flops / p.budget:.4f}"
+                    for p in points]
     return out
 
 
@@ -142,14 +149,19 @@ def run_point(sweep: ml_collections.ConfigDict, workdir: str, point: dict[str, A
         link = paths(point_dir)[name]
         if not os.path.lexists(link):
             os.symlink(paths(source)[name], link)
-    cfg = point_config(base_config(sweep), sweep, int(point["hidden_size"]), int(point["steps"]))
+    cfg = point_config(base_config(sweep), sweep, int(point["hidden_size"]), int(point["steps"]),
+                       depth=int(point["depth"]), lr=float(point["learning_rate"]),
+                       parameterization=point.get("parameterization", "sp"), seed=point.get("seed"))
     _write_json(os.path.join(point_dir, "status.json"), {"status": "running", "started": time.time()})
     t0 = time.perf_counter()
     summary = train_dit(cfg, point_dir, progress)
     row = dict(name=point["name"], budget=point["budget"], holdout=point["holdout"], params=point["params"],
                non_embedding_params=point["non_embedding_params"], flops=point["flops"], tokens=point["tokens"],
                steps=point["steps"], hidden_size=point["hidden_size"], depth=point["depth"],
-               learning_rate=point["learning_rate"], loss=float(summary["heldout_loss"]),
+               learning_rate=point["learning_rate"], kind=point.get("kind", "isoflop"),
+               parameterization=point.get("parameterization", "sp"), seed=point.get("seed"),
+               loss=float(summary["heldout_loss"]),
+               loss_at_t=summary.get("heldout_loss_at_t", {}),
                wall_seconds=round(time.perf_counter() - t0, 2), config_sha256=config_sha256(cfg),
                status="finished")
     _write_json(os.path.join(point_dir, "status.json"), {"status": "finished", "row": row})
@@ -196,3 +208,61 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, point: str | None = N
             if point is not None:
                 raise StageError(f"sweep point {p['name']} failed: {msg}") from e
     return out
+
+
+def _rows(workdir: str) -> dict[str, dict[str, Any]]:
+    path = os.path.join(workdir, "results.jsonl")
+    if not os.path.isfile(path):
+        raise StageError(f"{path} is missing: no point has run (`sora-jax sweep run`)")
+    try:
+        return read_rows(path)
+    except ValueError as e:
+        raise StageError(f"sweep results: {e}") from None
+
+
+def fit(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Fits the laws to the finished IsoFLOP points of the fit budgets and writes
+    ``<workdir>/laws.json`` (constants, bootstrap intervals, points used, code version, and
+    ``predictions``: best loss, N* and D* at each held-out budget, which say where to place the
+    held-out sizes).
+
+    Returns:
+      the exponents with their intervals and the predictions.
+
+    Raises:
+      StageError: no results; a budget the fitter refuses (fewer than 3 points, no interior
+        minimum: the message names the budget).
+    """
+    points = fit_rows(_rows(workdir))
+    try:
+        laws = fit_laws(points, n_boot=int(sweep.get("n_boot", 200)))
+    except ValueError as e:
+        raise StageError(f"sweep fit: {e}") from None
+    laws["predictions"] = {format_budget(float(c)): predict(laws, float(c)) for c in sweep.holdout_budgets}
+    write_laws(os.path.join(workdir, "laws.json"), laws)
+    iso, par = laws["isoflop"], laws["parametric"]
+    return {"points_used": len(laws["points_used"]),
+            "n_opt_exponent": iso["n_opt_exponent"], "n_opt_exponent_ci": iso["n_opt_exponent_ci"],
+            "d_opt_exponent": iso["d_opt_exponent"], "d_opt_exponent_ci": iso["d_opt_exponent_ci"],
+            "parametric": {k: par[k] for k in ("alpha", "beta", "E")},
+            "per_budget": [{k: b[k] for k in ("budget", "n_opt", "d_opt", "loss_opt", "argmin_at_edge")}
+                           for b in iso["per_budget"]],
+            "predictions": laws["predictions"], "laws": os.path.join(workdir, "laws.json")}
+
+
+def report(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Writes the sweep's report (:func:`sora_jax.sweeps.report.write_report`) from its plan,
+    results and ``laws.json``; returns the summary.
+
+    Raises:
+      StageError: no plan, results or laws (run plan / run / fit first); no finished point at the
+        held-out budget.
+    """
+    planned = _read_plan(workdir)["points"]
+    path = os.path.join(workdir, "laws.json")
+    if not os.path.isfile(path):
+        raise StageError(f"{path} is missing: run `sora-jax sweep fit` first")
+    try:
+        return write_report(workdir, sweep.to_dict(), planned, _rows(workdir), read_laws(path))
+    except ValueError as e:
+        raise StageError(f"sweep report: {e}") from None

@@ -59,7 +59,7 @@ import os
 import pathlib
 import subprocess
 import tempfile
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import scipy.optimize
@@ -74,6 +74,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "SweepPoint",
     "load_points",
+    "json_lines",
     "fit_isoflop_budget",
     "fit_isoflop",
     "fit_parametric",
@@ -164,6 +165,25 @@ def load_points(path: str | os.PathLike) -> list[SweepPoint]:
       ValueError: a line is not a JSON object, or a kept row lacks a field (message names the line).
     """
     out = []
+    for lineno, row in json_lines(path):
+        if row.get("status", "finished") != "finished":
+            continue
+        loss = row.get("loss")
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
+            continue
+        try:
+            out.append(SweepPoint.from_mapping(row))
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+    return out
+
+
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a JSON-lines file.
+
+    Raises:
+      ValueError: a line that is not a JSON object (the message names the line).
+    """
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -174,16 +194,7 @@ def load_points(path: str | os.PathLike) -> list[SweepPoint]:
                 raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: not a JSON object")
-            if row.get("status", "finished") != "finished":
-                continue
-            loss = row.get("loss")
-            if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
-                continue
-            try:
-                out.append(SweepPoint.from_mapping(row))
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
-    return out
+            yield lineno, row
 
 
 def _budget_label(budget: float) -> str:

@@ -56,6 +56,11 @@ class Point:
     tokens_per_step: float
     flops: float
     tokens: float
+    # "isoflop" (the laws' grid) | "repeat" (an IsoFLOP point again with another seed: the noise
+    # of a point) | "lr_transfer" (learning rate x width)
+    kind: str = "isoflop"
+    parameterization: str = "sp"
+    seed: int | None = None  # None: the base config's seeds; else cfg.seed and dit_train.seed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,13 +93,25 @@ def family_shape(width: int, *, aspect: float, head_dim: int) -> tuple[int, int,
 
 
 def point_config(base: ml_collections.ConfigDict, sweep: ml_collections.ConfigDict, width: int,
-                 steps: int = 1) -> ml_collections.ConfigDict:
-    """The run config of one point: ``base`` with the family shape of ``width``, the learning
-    rate of the sweep's rule, and ``steps`` training steps (warm-up a fixed fraction of them)."""
+                 steps: int = 1, *, depth: int | None = None, lr: float | None = None,
+                 parameterization: str = "sp", seed: int | None = None) -> ml_collections.ConfigDict:
+    """The run config of one point: ``base`` with the family shape of ``width`` (``depth`` instead
+    of the family's, where given), the learning rate of the sweep's rule (or ``lr``),
+    and ``steps`` training steps (warm-up a fixed fraction of them). ``parameterization`` "mup"
+    sets μP with the learning-rate transfer sweep's base width and the family's head dimension
+    as the base head dimension (the family adds heads of fixed width). ``seed`` replaces the
+    initialisation seed (``seed``) and the data-order and noise seed (``dit_train.seed``)."""
     cfg = ml_collections.ConfigDict(base.to_dict())
-    hidden, depth, heads = family_shape(width, aspect=sweep.family.aspect, head_dim=sweep.family.head_dim)
-    cfg.dit.update(hidden_size=hidden, depth=depth, num_heads=heads)
-    cfg.dit_train.update(steps=int(steps), learning_rate=learning_rate(sweep, width),
+    hidden, family_depth, heads = family_shape(width, aspect=sweep.family.aspect, head_dim=sweep.family.head_dim)
+    cfg.dit.update(hidden_size=hidden, depth=int(depth) if depth else family_depth, num_heads=heads)
+    if parameterization == "mup":
+        cfg.dit.update(parameterization="mup", mup_base_width=int(sweep.lr_transfer.mup_base_width),
+                       mup_base_head_dim=int(sweep.family.head_dim))
+    lr = float(lr) if lr is not None else learning_rate(sweep, width)
+    if seed is not None:
+        cfg.seed = int(seed)
+        cfg.dit_train.seed = int(seed)
+    cfg.dit_train.update(steps=int(steps), learning_rate=lr,
                          warmup_steps=max(1, int(round(sweep.lr.warmup_fraction * steps))))
     return cfg
 
@@ -144,25 +161,42 @@ def plan_points(base: ml_collections.ConfigDict, sweep: ml_collections.ConfigDic
 
     Args:
       base: the run config the points start from.
-      sweep: the sweep config (``budgets``, ``holdout_budgets``, ``widths``, ``family``, ``lr``,
-        ``min_steps``, ``max_steps``).
+      sweep: the sweep config: ``budgets``, ``holdout_budgets``, ``widths``, ``holdout_widths``
+        (the sizes at the held-out budgets; default ``widths``), ``family``, ``lr``, ``min_steps``,
+        ``max_steps``; optionally ``repeats`` (``points``: (budget, width) pairs of the grid,
+        ``seeds``: points of kind "repeat" named ``<point>-s<seed>``) and ``lr_transfer``
+        (``widths``, ``depth``, ``learning_rates``, ``parameterizations``, ``steps``,
+        ``mup_base_width``: points of kind "lr_transfer" named ``LR-<sp|mup>-w<width>-lr<lr>``).
       probe: per probed batch, its examples' (latent tokens, text tokens)
         (:func:`batch_examples` of the data pipeline's first batches).
 
     Returns:
-      (points, skipped): every point whose steps fall in [min_steps, max_steps], budgets in
-      order and sizes by width; and one {"budget", "width", "steps", "why"} per skipped pair.
+      (points, skipped): every IsoFLOP point whose steps fall in [min_steps, max_steps], budgets
+      in order and sizes by width, then the repeats and the learning-rate transfer points; and
+      one {"budget", "width", "steps", "why"} per skipped pair.
 
     Raises:
-      ValueError: an empty probe.
+      ValueError: an empty probe; a repeat of a point the grid lacks.
     """
     if not probe or not any(probe):
         raise ValueError("the data probe holds no examples")
     tokens_per_step = float(np.mean([sum(n for n, _ in b) for b in probe]))
     points, skipped = [], []
-    budgets = [(float(c), False) for c in sweep.budgets] + [(float(c), True) for c in sweep.holdout_budgets]
-    for budget, holdout in budgets:
-        for width in sweep.widths:
+
+    def add(cfg, *, budget, holdout, steps, per_step, name, kind="isoflop", parameterization="sp", seed=None):
+        params, non_embedding = count_params(cfg)
+        points.append(Point(
+            name=name or f"C{format_budget(budget)}-N{format_params(params)}", budget=budget, holdout=holdout,
+            hidden_size=cfg.dit.hidden_size, depth=cfg.dit.depth, num_heads=cfg.dit.num_heads, params=params,
+            non_embedding_params=non_embedding, learning_rate=float(cfg.dit_train.learning_rate), steps=steps,
+            flops_per_step=per_step, tokens_per_step=tokens_per_step, flops=steps * per_step,
+            tokens=steps * tokens_per_step, kind=kind, parameterization=parameterization, seed=seed))
+
+    holdout_widths = tuple(sweep.get("holdout_widths") or sweep.widths)
+    budgets = ([(float(c), False, sweep.widths) for c in sweep.budgets]
+               + [(float(c), True, holdout_widths) for c in sweep.holdout_budgets])
+    for budget, holdout, widths in budgets:
+        for width in widths:
             cfg = point_config(base, sweep, int(width))
             per_step = float(np.mean([train_flops(cfg, b) for b in probe]))
             steps = int(round(budget / per_step))
@@ -173,13 +207,30 @@ def plan_points(base: ml_collections.ConfigDict, sweep: ml_collections.ConfigDic
             if abs(steps * per_step - budget) > 0.01 * budget:  # only with very few steps
                 skipped.append(dict(budget=budget, width=int(width), steps=steps, why="misses the budget by > 1%"))
                 continue
-            params, non_embedding = count_params(cfg)
-            points.append(Point(
-                name=f"C{format_budget(budget)}-N{format_params(params)}", budget=budget, holdout=holdout,
-                hidden_size=cfg.dit.hidden_size, depth=cfg.dit.depth, num_heads=cfg.dit.num_heads, params=params,
-                non_embedding_params=non_embedding, learning_rate=learning_rate(sweep, int(width)), steps=steps,
-                flops_per_step=per_step, tokens_per_step=tokens_per_step, flops=steps * per_step,
-                tokens=steps * tokens_per_step))
+            add(point_config(base, sweep, int(width), steps), budget=budget, holdout=holdout, steps=steps,
+                per_step=per_step, name=None)
+    rep = sweep.get("repeats")
+    if rep:  # IsoFLOP points again with other seeds: how much a point's loss moves with the noise
+        by_shape = {(p.budget, p.hidden_size): p for p in points if p.kind == "isoflop"}
+        for budget, width in rep.points:
+            p = by_shape.get((float(budget), int(width)))
+            if p is None:
+                raise ValueError(f"repeats.points: ({budget:g}, {width}) is not an IsoFLOP point of the plan")
+            for seed in rep.seeds:
+                add(point_config(base, sweep, int(width), p.steps, seed=int(seed)), budget=p.budget, holdout=p.holdout,
+                    steps=p.steps, per_step=p.flops_per_step, name=f"{p.name}-s{int(seed)}", kind="repeat",
+                    seed=int(seed))
+    lt = sweep.get("lr_transfer")
+    if lt:  # the learning-rate transfer grid: fixed depth and steps, learning rate x width, per parameterization
+        for param in lt.parameterizations:
+            for width in lt.widths:
+                for lr in lt.learning_rates:
+                    cfg = point_config(base, sweep, int(width), int(lt.steps), depth=int(lt.depth), lr=float(lr),
+                                       parameterization=param)
+                    per_step = float(np.mean([train_flops(cfg, b) for b in probe]))
+                    add(cfg, budget=int(lt.steps) * per_step, holdout=False, steps=int(lt.steps), per_step=per_step,
+                        name=f"LR-{param}-w{int(width)}-lr{format_budget(float(lr))}", kind="lr_transfer",
+                        parameterization=param)
     names = [p.name for p in points]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
