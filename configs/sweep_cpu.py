@@ -23,21 +23,21 @@ def get_config(arg=None):
     c.source_run = "runs/quickstart"  # data/, vae/ and latents/ of a finished run
     # training FLOPs (3x forward of the real tokens, attention included); the held-out budget is
     # 4x the largest fit budget, to test the laws' prediction
-    c.budgets = (1e12, 2e12, 4e12)
-    c.holdout_budgets = (1.6e13,)
+    c.budgets = (5e11, 1e12, 2e12)
+    c.holdout_budgets = (8e12,)
     # the model family: width w, depth round(w / aspect), heads of head_dim features
     c.widths = (32, 48, 64, 96, 128, 192)
     # the sizes trained at the held-out budget: three around the N* the fit budgets' laws predict
     # for it (`sora-jax sweep fit` prints it), so its measured best loss is a minimum, not an edge
-    c.holdout_widths = (96, 128, 192)
+    c.holdout_widths = (64, 96, 128)
     c.family = ml_collections.ConfigDict(dict(aspect=32.0, head_dim=16))
     # learning rate lr.base x (lr.base_width / w) ^ lr.width_exponent (SP's Adam rates fall with
     # width; 2e-3 is the quickstart's tuned rate at width 128); warm-up a fraction of the steps
     c.lr = ml_collections.ConfigDict(dict(base=2e-3, base_width=128, width_exponent=0.5, warmup_fraction=0.05))
-    c.min_steps, c.max_steps = 100, 10000
+    c.min_steps, c.max_steps = 100, 12000
     # two fit points again with seeds 1 and 2 (init, data order and noise): the noise of a point's
     # loss, against which the prediction error is read
-    c.repeats = ml_collections.ConfigDict(dict(points=((1e12, 64), (4e12, 64)), seeds=(1, 2)))
+    c.repeats = ml_collections.ConfigDict(dict(points=((1e12, 64), (2e12, 64)), seeds=(1, 2)))
     c.probe_batches = 32  # batches of the data pipeline that measure the FLOPs of a step
     # learning rate x width at fixed depth and steps, under SP and μP (base width = the smallest):
     # where the best rate sits per width (μP's promise: it does not move)

@@ -134,6 +134,7 @@ def test_run_skips_finished_points_and_records_failures(tmp_path, monkeypatch):
     finished = [r for r in rows if r["status"] == "finished"]
     assert sorted(r["name"] for r in finished) == ["C1e10-N32K", "C1e10-N48K", "C1e10-N64K"]
     assert finished[0]["loss"] == 1.0 / 32 and finished[0]["config_sha256"]
+    assert [r["attempts"] for r in finished] == [1, 1, 2]  # the failed point finished on its second
     assert [r["status"] for r in rows].count("failed") == 1
     assert commands.run(sweep, str(wd), point="C1e10-N64K")["skipped_finished"] == ["C1e10-N64K"]
     with pytest.raises(Exception, match="no point 'C9'"):
@@ -214,3 +215,33 @@ def test_heldout_losses_at_fixed_times(trained_run):
     assert a == dit_heldout_losses(cfg, trained_run, dit, num_batches=1, at_t=(0.25, 0.75))
     assert a["mean"] == dit_heldout_loss(cfg, trained_run, dit, num_batches=1)
     assert a["t=0.25"] != a["t=0.75"]
+
+
+def test_sigterm_stops_the_sweep_instead_of_moving_on(tmp_path, monkeypatch):
+    """A preempted job (SIGTERM: the trainer saves and raises Preempted) stops the sweep at that
+    point, marked interrupted, not failed; the next run resumes it and goes on."""
+    from sora_jax.sweeps import commands
+    from sora_jax.train.trainer import Preempted
+
+    source = tmp_path / "source"
+    for name in ("data", "vae", "latents"):
+        (source / name).mkdir(parents=True)
+    sweep = _sweep(source_run=str(source))
+    wd = tmp_path / "sweep"
+    _plan_file(wd, [("C1e10-N32K", 32), ("C1e10-N48K", 48)])
+    calls = []
+
+    def fake_train(cfg, workdir, progress):
+        calls.append(pathlib.Path(workdir).name)
+        if len(calls) == 1:
+            raise Preempted("dit", 7)
+        return {"heldout_loss": 1.0}
+
+    monkeypatch.setattr(commands, "train_dit", fake_train)
+    with pytest.raises(Preempted):
+        commands.run(sweep, str(wd))
+    assert calls == ["C1e10-N32K"] and not (wd / "results.jsonl").exists()
+    assert json.loads((wd / "points" / "C1e10-N32K" / "status.json").read_text())["status"] == "interrupted"
+    assert commands.run(sweep, str(wd))["finished"] == ["C1e10-N32K", "C1e10-N48K"]
+    rows = [json.loads(x) for x in (wd / "results.jsonl").read_text().splitlines()]
+    assert [r["attempts"] for r in rows] == [2, 1]

@@ -6,7 +6,8 @@
           point is skipped, an interrupted one resumes from its last checkpoint, a failed one is
           recorded with its error and the sweep goes on. Each finished point appends one row to
           ``<workdir>/results.jsonl``: held-out loss (fixed noise and timesteps), parameters,
-          FLOPs, tokens, steps, wall time and the point's config hash; ``loss_at_t``: the held-out
+          FLOPs, tokens, steps, wall time (of the last attempt: ``attempts`` > 1 means it resumed
+          an interrupted one) and the point's config hash; ``loss_at_t``: the held-out
           loss at the fixed times ``dit_train.heldout_at_t`` (same noise).
 
   fit     the laws (:mod:`sora_jax.sweeps.fit`) of the finished IsoFLOP points of the fit budgets
@@ -36,6 +37,7 @@ from sora_jax.sweeps.plan import batch_examples, format_budget, plan_points, poi
 from sora_jax.sweeps.report import write_report
 from sora_jax.sweeps.results import fit_rows, read_rows
 from sora_jax.train.run_folder import paths
+from sora_jax.train.trainer import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,10 @@ def run_point(sweep: ml_collections.ConfigDict, workdir: str, point: dict[str, A
     cfg = point_config(base_config(sweep), sweep, int(point["hidden_size"]), int(point["steps"]),
                        depth=int(point["depth"]), lr=float(point["learning_rate"]),
                        parameterization=point.get("parameterization", "sp"), seed=point.get("seed"))
-    _write_json(os.path.join(point_dir, "status.json"), {"status": "running", "started": time.time()})
+    # an earlier attempt that never finished (killed, preempted, failed): this one resumes it
+    attempt = int(status.get("attempt", 0)) + 1
+    _write_json(os.path.join(point_dir, "status.json"), {"status": "running", "started": time.time(),
+                                                          "attempt": attempt})
     t0 = time.perf_counter()
     summary = train_dit(cfg, point_dir, progress)
     row = dict(name=point["name"], budget=point["budget"], holdout=point["holdout"], params=point["params"],
@@ -162,7 +167,7 @@ def run_point(sweep: ml_collections.ConfigDict, workdir: str, point: dict[str, A
                parameterization=point.get("parameterization", "sp"), seed=point.get("seed"),
                loss=float(summary["heldout_loss"]),
                loss_at_t=summary.get("heldout_loss_at_t", {}),
-               wall_seconds=round(time.perf_counter() - t0, 2), config_sha256=config_sha256(cfg),
+               wall_seconds=round(time.perf_counter() - t0, 2), attempts=attempt, config_sha256=config_sha256(cfg),
                status="finished")
     _write_json(os.path.join(point_dir, "status.json"), {"status": "finished", "row": row})
     with open(os.path.join(workdir, "results.jsonl"), "a") as f:
@@ -180,6 +185,8 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, point: str | None = N
     Raises:
       StageError: no plan, or an unknown ``point``; with ``point`` given, its failure (the
         cluster job's exit code then says so).
+      Preempted: SIGTERM reached a point's training: its checkpoint is saved, it is marked
+        "interrupted", and no further point starts (the CLI exits 143, like train-dit).
     """
     planned = _read_plan(workdir)["points"]
     if point is not None:
@@ -196,12 +203,19 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, point: str | None = N
         try:
             run_point(sweep, workdir, p, progress=progress)
             out["finished"].append(p["name"])
+        except Preempted:
+            # SIGTERM (a preempted or cancelled job): the point's checkpoint is saved and the whole
+            # sweep stops here; the next `sweep run` resumes this point. Not a failure of the point.
+            _write_json(os.path.join(point_dir, "status.json"),
+                        {"status": "interrupted", "attempt": int(_status(point_dir).get("attempt", 1))})
+            raise
         except Exception as e:  # noqa: BLE001 - one point's failure does not stop the sweep
             msg = f"{type(e).__name__}: {e}"
             log.error("sweep point %s failed: %s", p["name"], msg)
             os.makedirs(point_dir, exist_ok=True)
             _write_json(os.path.join(point_dir, "status.json"),
-                        {"status": "failed", "error": msg, "traceback": traceback.format_exc()})
+                        {"status": "failed", "error": msg, "traceback": traceback.format_exc(),
+                         "attempt": int(_status(point_dir).get("attempt", 1))})
             with open(os.path.join(workdir, "results.jsonl"), "a") as f:
                 f.write(json.dumps(dict(name=p["name"], budget=p["budget"], status="failed", error=msg)) + "\n")
             out["failed"][p["name"]] = msg
