@@ -29,12 +29,12 @@ def get_config(arg=None):
     c.widths = (32, 48, 64, 96, 128, 192)
     # the sizes trained at the held-out budget: three around the N* the fit budgets' laws predict
     # for it (`sora-jax sweep fit` prints it), so its measured best loss is a minimum, not an edge
-    c.holdout_widths = (64, 96, 128)
+    c.holdout_widths = (48, 64, 96, 128)
     c.family = ml_collections.ConfigDict(dict(aspect=32.0, head_dim=16))
     # learning rate lr.base x (lr.base_width / w) ^ lr.width_exponent (SP's Adam rates fall with
     # width; 2e-3 is the quickstart's tuned rate at width 128); warm-up a fraction of the steps
     c.lr = ml_collections.ConfigDict(dict(base=2e-3, base_width=128, width_exponent=0.5, warmup_fraction=0.05))
-    c.min_steps, c.max_steps = 100, 12000
+    c.min_steps, c.max_steps = 100, 20000
     # two fit points again with seeds 1 and 2 (init, data order and noise): the noise of a point's
     # loss, against which the prediction error is read
     c.repeats = ml_collections.ConfigDict(dict(points=((1e12, 64), (2e12, 64)), seeds=(1, 2)))
