@@ -42,6 +42,6 @@ def get_config(arg=None):
     # learning rate x width at fixed depth and steps, under SP and μP (base width = the smallest):
     # where the best rate sits per width (μP's promise: it does not move)
     c.lr_transfer = ml_collections.ConfigDict(dict(
-        widths=(32, 64, 128), depth=2, steps=300, learning_rates=(5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+        widths=(32, 64, 128), depth=2, steps=300, learning_rates=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2),
         parameterizations=("sp", "mup"), mup_base_width=32))
     return c

@@ -153,6 +153,11 @@ def test_lr_transfer_refines_between_grid_points_and_flags_grid_ends():
         rows[f"64-{lr}"] = dict(name=f"64-{lr}", kind="lr_transfer", parameterization="mup", hidden_size=64,
                                 learning_rate=lr, loss=_lr_loss(lr, 0.1), status="finished")
     assert lr_transfer(rows, "mup", GRID)["at_grid_end"] == [64]
+    # a diverged (failed) rate is the worst of its width, not a hole that drops the width
+    rows["32-0.016"] = dict(rows["32-0.016"], status="failed", loss=None)
+    res = lr_transfer(rows, "mup", GRID)
+    assert res["diverged"] == ["32-0.016"] and res["lr_best_by_width"][32] == 4e-3
+    assert res["loss_by_width"][32][0.016] == math.inf
     assert lr_transfer(rows, "sp", GRID)["shift"] is None  # no SP rows
 
 

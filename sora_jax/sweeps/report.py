@@ -203,9 +203,10 @@ def _plots(folder: str, rows: Mapping[str, Mapping[str, Any]], laws: Mapping[str
         for ax, param in zip(axes, ("sp", "mup")):
             res = lr_transfer(rows, param, lr_rates)
             for width, losses in res["loss_by_width"].items():
-                ax.plot(list(losses), list(losses.values()), marker="o", label=f"width {width}")
+                finite = {k: v for k, v in losses.items() if np.isfinite(v)}  # diverged rates: not drawn
+                ax.plot(list(finite), list(finite.values()), marker="o", label=f"width {width}")
                 if width in res["lr_best_by_width"]:
-                    ax.scatter([res["lr_best_by_width"][width]], [min(losses.values())], marker="*", s=120,
+                    ax.scatter([res["lr_best_by_width"][width]], [min(finite.values())], marker="*", s=120,
                                color="k", zorder=3)
             ax.set(xscale="log", xlabel="learning rate", title=f"{'μP' if param == 'mup' else 'SP'}: shift "
                    f"{res['shift']} grid steps")

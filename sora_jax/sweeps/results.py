@@ -117,20 +117,28 @@ def lr_transfer(rows: Mapping[str, Mapping[str, Any]], parameterization: str,
     Returns:
       ``{"lr_best_by_width": {width: rate}, "lr_refined_by_width": {width: rate},
       "loss_by_width": {width: {rate: loss}}, "at_grid_end": [widths whose best is an end rate],
-      "shift", "shift_signed", "shift_refined", "missing": [names]}``; the shifts are None with
-      fewer than 2 complete widths.
+      "shift", "shift_signed", "shift_refined", "missing": [names not run], "diverged": [names
+      that failed or ended non-finite: scored +inf, the worst of their width]}``; the shifts are
+      None with fewer than 2 complete widths.
     """
     grid = sorted(float(v) for v in learning_rates)
     step = math.log2(grid[1] / grid[0]) if len(grid) > 1 else 1.0
     table: dict[int, dict[float, float]] = {}
-    missing = []
+    missing, diverged = [], []
     for name, r in rows.items():
         if r.get("kind") != "lr_transfer" or r.get("parameterization", "sp") != parameterization:
             continue
-        if not _finished(r):
+        if _finished(r):
+            loss = float(r["loss"])
+        elif r.get("status") == "failed" or r.get("loss") is not None:
+            # a rate that failed or ended non-finite is the worst of its width (in a learning-rate
+            # grid that is a diverged run), so the width keeps a complete grid
+            loss = math.inf
+            diverged.append(name)
+        else:
             missing.append(name)
             continue
-        table.setdefault(int(r["hidden_size"]), {})[float(r["learning_rate"])] = float(r["loss"])
+        table.setdefault(int(r["hidden_size"]), {})[float(r["learning_rate"])] = loss
     best, refined, at_end = {}, {}, []
     for width in sorted(table):
         losses = table[width]
@@ -143,13 +151,16 @@ def lr_transfer(rows: Mapping[str, Mapping[str, Any]], parameterization: str,
         if i in (0, len(grid) - 1):
             at_end.append(width)
             refined[width] = grid[i]
+        elif not all(map(math.isfinite, ys[i - 1 : i + 2])):  # a diverged neighbour: no parabola
+            refined[width] = grid[i]
         else:
             x = np.log2(grid[i - 1 : i + 2])
             c2, c1, _ = np.polyfit(x, ys[i - 1 : i + 2], 2)
             refined[width] = float(2.0 ** (-c1 / (2 * c2))) if c2 > 0 else grid[i]
     out = {"lr_best_by_width": best, "lr_refined_by_width": refined,
            "loss_by_width": {w: dict(sorted(v.items())) for w, v in sorted(table.items())},
-           "at_grid_end": at_end, "missing": missing, "shift": None, "shift_signed": None, "shift_refined": None}
+           "at_grid_end": at_end, "missing": missing, "diverged": diverged, "shift": None, "shift_signed": None,
+           "shift_refined": None}
     if len(best) >= 2:
         lo, hi = min(best), max(best)
         signed = grid.index(best[hi]) - grid.index(best[lo])
