@@ -66,6 +66,9 @@ def _synthetic(tmp_path, *, with_holdout=True):
             for lr in GRID:
                 rows.append(dict(_row(f"LR-{param}-w{w}-lr{lr:g}", 1e15, 1000, kind="lr_transfer", width=w, lr=lr,
                                       parameterization=param), loss=_lr_loss(lr, best[w])))
+    plan += [dict(name=r["name"], kind=r["kind"]) for r in rows if r.get("kind") in ("repeat", "lr_transfer")]
+    # a row of a point the plan no longer has (an earlier grid's rate): not counted
+    rows.append(dict(_row("LR-sp-w32-lr1e-4", 1e15, 1000, kind="lr_transfer", width=32, lr=1e-4), loss=0.5))
     wd = tmp_path / "sweep"
     wd.mkdir()
     (wd / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -102,6 +105,7 @@ def test_fit_and_report_on_a_known_law(tmp_path):
         assert key in s, key
     assert s["fit_budgets"] == list(BUDGETS) and s["holdout_budget"] == HELD_OUT
     assert s["points_failed"] == 1 and s["points_finished"] == 18 + 3 + 2 + 36
+    assert s["rows_not_in_plan"] == ["LR-sp-w32-lr1e-4"]  # and its loss, the lowest, is no one's best
     assert s["measured_method"] == "isoflop_vertex"
     truth = fit.parametric_allocation(TRUE, HELD_OUT, 6.0)["loss"]
     assert s["measured_loss_holdout"] == pytest.approx(truth, rel=0.01)

@@ -14,7 +14,8 @@ Written into the sweep's work folder:
   report/lr_transfer.png held-out loss against learning rate per width, SP and μP side by side
 
 Summary keys: ``fit_budgets``, ``holdout_budget``, ``points_planned``, ``points_finished``,
-``points_failed``, ``n_opt_exponent`` / ``d_opt_exponent`` (IsoFLOP, approach 2) with ``_ci``
+``points_failed`` (of the plan's points; ``rows_not_in_plan`` names rows of points a re-plan dropped),
+``n_opt_exponent`` / ``d_opt_exponent`` (IsoFLOP, approach 2) with ``_ci``
 (bootstrap 95%), ``parametric`` (alpha, beta, E and their intervals), ``predicted_loss_holdout``
 (the IsoFLOP frontier's; ``predicted_loss_holdout_parametric`` beside it),
 ``predicted_n_opt_holdout``, ``measured_loss_holdout`` (:func:`~sora_jax.sweeps.results.holdout_measurement`)
@@ -62,7 +63,10 @@ def summarize(sweep: Mapping[str, Any], plan_points: Sequence[Mapping[str, Any]]
     measured = holdout_measurement([r for r in fit_rows(rows, holdout=True) if float(r["budget"]) == c_h])
     pred = predict(laws, c_h)
     iso, par = laws["isoflop"], laws["parametric"]
-    last = {name: r for name, r in rows.items()}
+    # the plan's points only: rows of points a re-plan dropped (e.g. a learning rate taken out of
+    # the grid) stay in results.jsonl but are not this sweep's
+    planned = {p["name"] for p in plan_points}
+    last = {name: r for name, r in rows.items() if name in planned}
     seconds_by_kind: dict[str, float] = {}
     for r in last.values():
         if _finished(r):
@@ -74,6 +78,7 @@ def summarize(sweep: Mapping[str, Any], plan_points: Sequence[Mapping[str, Any]]
         "points_planned": len(plan_points),
         "points_finished": sum(_finished(r) for r in last.values()),
         "points_failed": sum(r.get("status") == "failed" for r in last.values()),
+        "rows_not_in_plan": sorted(set(rows) - planned),
         "n_opt_exponent": iso["n_opt_exponent"], "n_opt_exponent_ci": iso.get("n_opt_exponent_ci"),
         "d_opt_exponent": iso["d_opt_exponent"], "d_opt_exponent_ci": iso.get("d_opt_exponent_ci"),
         "parametric": {k: par.get(k) for k in ("alpha", "alpha_ci", "beta", "beta_ci", "E", "E_ci",
@@ -210,7 +215,8 @@ def _plots(folder: str, rows: Mapping[str, Mapping[str, Any]], laws: Mapping[str
                                color="k", zorder=3)
             ax.set(xscale="log", xlabel="learning rate", title=f"{'μP' if param == 'mup' else 'SP'}: shift "
                    f"{res['shift']} grid steps")
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:  # no rows of this parameterization yet: no legend
+                ax.legend(fontsize=7)
         axes[0].set_ylabel("held-out loss")
         fig.tight_layout()
         written.append(os.path.join(folder, "lr_transfer.png"))

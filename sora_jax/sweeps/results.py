@@ -128,6 +128,8 @@ def lr_transfer(rows: Mapping[str, Mapping[str, Any]], parameterization: str,
     for name, r in rows.items():
         if r.get("kind") != "lr_transfer" or r.get("parameterization", "sp") != parameterization:
             continue
+        if not any(math.isclose(float(r["learning_rate"]), g, rel_tol=1e-9) for g in grid):
+            continue  # a rate outside this grid (an earlier plan's)
         if _finished(r):
             loss = float(r["loss"])
         elif r.get("status") == "failed" or r.get("loss") is not None:
