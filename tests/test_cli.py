@@ -101,6 +101,7 @@ def test_generate_packs_requests_of_different_shapes_into_one_call(trained_run, 
     assert [s["shape"] for s in info["samples"]] == [[5, 32, 48], [1, 32, 32]]
 
 
+@pytest.mark.slow  # 10 s; CI headroom (resume itself is tested in test_resilience.py)
 def test_resume_is_a_no_op_when_training_is_done(trained_run, capsys):
     assert run(["train-dit", *TINY, "--workdir", trained_run]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -216,6 +217,7 @@ def test_dit_batches_are_deterministic_and_pack_images_with_videos(trained_run):
     assert mixed
 
 
+@pytest.mark.slow  # 10 s; CI headroom
 def test_a_moved_run_folder_still_works(trained_run, tmp_path, capsys):
     import shutil
 

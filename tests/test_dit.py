@@ -259,7 +259,8 @@ def test_packed_equals_unpacked_for_random_shapes(tiny_dit_randomized, shapes, s
         np.testing.assert_allclose(out[p.start:p.start + p.n], ref, rtol=1e-4, atol=5e-5)
 
 
-@pytest.mark.parametrize("adaln", ["per_block", "single"])
+# per_block (13 s) runs with the slow tests; single keeps the scan path in the default run
+@pytest.mark.parametrize("adaln", [pytest.param("per_block", marks=pytest.mark.slow), "single"])
 def test_scanned_layers_equal_the_unrolled_loop(adaln):
     """scan_layers stacks the blocks on a leading axis; with the same weights the scanned
     (and rematerialised) model computes what the plain loop computes, gradients included."""

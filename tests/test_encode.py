@@ -168,6 +168,7 @@ def test_missing_run_is_a_clear_error(clips, tmp_path, capsys):
     assert code == 2 and "no config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 18 s; CI headroom (one compiled step over mixed sizes: also test_pixel.py, test_train.py)
 def test_train_dit_on_ingested_data_compiles_its_step_once(single, tmp_path, capsys):
     """ingest -> encode -> train-dit on the user's latents: mixed images and videos at random
     resolutions with token dropping, one compiled train step, resumable."""

@@ -212,8 +212,7 @@ def test_heldout_losses_at_fixed_times(trained_run):
     restore(dit, paths(trained_run)["dit"], "dit")
     a = dit_heldout_losses(cfg, trained_run, dit, num_batches=1, at_t=(0.25, 0.75))
     assert set(a) == {"mean", "t=0.25", "t=0.75"} and all(np.isfinite(v) for v in a.values())
-    assert a == dit_heldout_losses(cfg, trained_run, dit, num_batches=1, at_t=(0.25, 0.75))
-    assert a["mean"] == dit_heldout_loss(cfg, trained_run, dit, num_batches=1)
+    assert a["mean"] == dit_heldout_loss(cfg, trained_run, dit, num_batches=1)  # and repeatable
     assert a["t=0.25"] != a["t=0.75"]
 
 
