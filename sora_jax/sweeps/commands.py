@@ -31,6 +31,7 @@ from sora_jax.config_validation import validate_config
 from sora_jax.data.pipeline import packed_dataset
 from sora_jax.errors import StageError
 from sora_jax.interop.run_weights import config_sha256
+from sora_jax.io import write_json
 from sora_jax.stages.dit import dit_sources, train_dit
 from sora_jax.sweeps.fit import fit_laws, predict, read_laws, write_laws
 from sora_jax.sweeps.plan import batch_examples, format_budget, plan_points, point_config
@@ -98,11 +99,7 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     except ValueError as e:
         raise StageError(f"sweep plan: {e}") from None
     out = {"sweep": sweep.to_dict(), "points": [p.to_dict() for p in points], "skipped": skipped}
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, "plan.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "plan.json"))
+    write_json(os.path.join(workdir, "plan.json"), out)
     out["table"] = [f"{p.name:>22} C={format_budget(p.budget):>7}{' (holdout)' if p.holdout else '':10} "
                     f"w={p.hidden_size:<4} depth={p.depth:<2} heads={p.num_heads:<2} N={p.params:>9,} "
                     f"D={p.tokens:>12,.0f} steps={p.steps:>6} lr={p.learning_rate:.3g} flops/C={p.flops / p.budget:.4f}"
@@ -124,13 +121,6 @@ def _status(point_dir: str) -> dict[str, Any]:
         return {}
     with open(path) as f:
         return json.load(f)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def run_point(sweep: ml_collections.ConfigDict, workdir: str, point: dict[str, Any], *,
@@ -156,7 +146,7 @@ def run_point(sweep: ml_collections.ConfigDict, workdir: str, point: dict[str, A
                        parameterization=point.get("parameterization", "sp"), seed=point.get("seed"))
     # an earlier attempt that never finished (killed, preempted, failed): this one resumes it
     attempt = int(status.get("attempt", 0)) + 1
-    _write_json(os.path.join(point_dir, "status.json"), {"status": "running", "started": time.time(),
+    write_json(os.path.join(point_dir, "status.json"), {"status": "running", "started": time.time(),
                                                           "attempt": attempt})
     t0 = time.perf_counter()
     summary = train_dit(cfg, point_dir, progress)
@@ -169,7 +159,7 @@ def run_point(sweep: ml_collections.ConfigDict, workdir: str, point: dict[str, A
                loss_at_t=summary.get("heldout_loss_at_t", {}),
                wall_seconds=round(time.perf_counter() - t0, 2), attempts=attempt, config_sha256=config_sha256(cfg),
                status="finished")
-    _write_json(os.path.join(point_dir, "status.json"), {"status": "finished", "row": row})
+    write_json(os.path.join(point_dir, "status.json"), {"status": "finished", "row": row})
     with open(os.path.join(workdir, "results.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
@@ -206,14 +196,14 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, point: str | None = N
         except Preempted:
             # SIGTERM (a preempted or cancelled job): the point's checkpoint is saved and the whole
             # sweep stops here; the next `sweep run` resumes this point. Not a failure of the point.
-            _write_json(os.path.join(point_dir, "status.json"),
+            write_json(os.path.join(point_dir, "status.json"),
                         {"status": "interrupted", "attempt": int(_status(point_dir).get("attempt", 1))})
             raise
         except Exception as e:  # noqa: BLE001 - one point's failure does not stop the sweep
             msg = f"{type(e).__name__}: {e}"
             log.error("sweep point %s failed: %s", p["name"], msg)
             os.makedirs(point_dir, exist_ok=True)
-            _write_json(os.path.join(point_dir, "status.json"),
+            write_json(os.path.join(point_dir, "status.json"),
                         {"status": "failed", "error": msg, "traceback": traceback.format_exc(),
                          "attempt": int(_status(point_dir).get("attempt", 1))})
             with open(os.path.join(workdir, "results.jsonl"), "a") as f:

@@ -183,14 +183,14 @@ def plan_points(base: ml_collections.ConfigDict, sweep: ml_collections.ConfigDic
     tokens_per_step = float(np.mean([sum(n for n, _ in b) for b in probe]))
     points, skipped = [], []
 
-    def add(cfg, *, budget, holdout, steps, per_step, name, kind="isoflop", parameterization="sp", seed=None):
+    def make(cfg, *, budget, holdout, steps, per_step, name=None, kind="isoflop", parameterization="sp") -> Point:
         params, non_embedding = count_params(cfg)
-        points.append(Point(
+        return Point(
             name=name or f"C{format_budget(budget)}-N{format_params(params)}", budget=budget, holdout=holdout,
             hidden_size=cfg.dit.hidden_size, depth=cfg.dit.depth, num_heads=cfg.dit.num_heads, params=params,
             non_embedding_params=non_embedding, learning_rate=float(cfg.dit_train.learning_rate), steps=steps,
             flops_per_step=per_step, tokens_per_step=tokens_per_step, flops=steps * per_step,
-            tokens=steps * tokens_per_step, kind=kind, parameterization=parameterization, seed=seed))
+            tokens=steps * tokens_per_step, kind=kind, parameterization=parameterization)
 
     holdout_widths = tuple(sweep.get("holdout_widths") or sweep.widths)
     budgets = ([(float(c), False, sweep.widths) for c in sweep.budgets]
@@ -207,8 +207,8 @@ def plan_points(base: ml_collections.ConfigDict, sweep: ml_collections.ConfigDic
             if abs(steps * per_step - budget) > 0.01 * budget:  # only with very few steps
                 skipped.append(dict(budget=budget, width=int(width), steps=steps, why="misses the budget by > 1%"))
                 continue
-            add(point_config(base, sweep, int(width), steps), budget=budget, holdout=holdout, steps=steps,
-                per_step=per_step, name=None)
+            points.append(make(point_config(base, sweep, int(width), steps), budget=budget, holdout=holdout,
+                               steps=steps, per_step=per_step))
     rep = sweep.get("repeats")
     if rep:  # IsoFLOP points again with other seeds: how much a point's loss moves with the noise
         by_shape = {(p.budget, p.hidden_size): p for p in points if p.kind == "isoflop"}
@@ -216,21 +216,19 @@ def plan_points(base: ml_collections.ConfigDict, sweep: ml_collections.ConfigDic
             p = by_shape.get((float(budget), int(width)))
             if p is None:
                 raise ValueError(f"repeats.points: ({budget:g}, {width}) is not an IsoFLOP point of the plan")
-            for seed in rep.seeds:
-                add(point_config(base, sweep, int(width), p.steps, seed=int(seed)), budget=p.budget, holdout=p.holdout,
-                    steps=p.steps, per_step=p.flops_per_step, name=f"{p.name}-s{int(seed)}", kind="repeat",
-                    seed=int(seed))
+            points += [dataclasses.replace(p, name=f"{p.name}-s{int(s)}", kind="repeat", seed=int(s))
+                       for s in rep.seeds]  # same shape, steps and FLOPs: only the seeds differ
     lt = sweep.get("lr_transfer")
     if lt:  # the learning-rate transfer grid: fixed depth and steps, learning rate x width, per parameterization
         for param in lt.parameterizations:
             for width in lt.widths:
-                for lr in lt.learning_rates:
-                    cfg = point_config(base, sweep, int(width), int(lt.steps), depth=int(lt.depth), lr=float(lr),
-                                       parameterization=param)
-                    per_step = float(np.mean([train_flops(cfg, b) for b in probe]))
-                    add(cfg, budget=int(lt.steps) * per_step, holdout=False, steps=int(lt.steps), per_step=per_step,
-                        name=f"LR-{param}-w{int(width)}-lr{format_budget(float(lr))}", kind="lr_transfer",
-                        parameterization=param)
+                # one shape per (parameterization, width): parameters and FLOPs do not depend on the rate
+                cfg = point_config(base, sweep, int(width), int(lt.steps), depth=int(lt.depth), parameterization=param)
+                per_step = float(np.mean([train_flops(cfg, b) for b in probe]))
+                shape = make(cfg, budget=int(lt.steps) * per_step, holdout=False, steps=int(lt.steps),
+                             per_step=per_step, kind="lr_transfer", parameterization=param)
+                points += [dataclasses.replace(shape, name=f"LR-{param}-w{int(width)}-lr{format_budget(float(lr))}",
+                                               learning_rate=float(lr)) for lr in lt.learning_rates]
     names = [p.name for p in points]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -28,25 +28,22 @@ wall time; ``seconds_by_kind`` splits it).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
-import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
-import numpy as np  # noqa: E402
-
-from sora_jax.sweeps.fit import predict  # noqa: E402
-from sora_jax.sweeps.plan import format_budget, format_params  # noqa: E402
-from sora_jax.sweeps.results import fit_rows, holdout_measurement, lr_transfer, repeat_noise  # noqa: E402
+from sora_jax.io import write_json
+from sora_jax.sweeps.fit import predict
+from sora_jax.sweeps.plan import format_budget, format_params
+from sora_jax.sweeps.results import fit_rows, holdout_measurement, lr_transfer, repeat_noise
 
 __all__ = ["grid_table", "summarize", "write_report"]
 
 
 def _finished(row: Mapping[str, Any]) -> bool:
-    return row.get("status", "finished") == "finished" and row.get("loss") is not None
+    """The point ran to its end (its loss may still be non-finite: a diverged run is finished)."""
+    return row.get("status", "finished") == "finished"
 
 
 def summarize(sweep: Mapping[str, Any], plan_points: Sequence[Mapping[str, Any]],
@@ -139,6 +136,18 @@ def _fmt_ci(v: Any, ci: Any) -> str:
 
 def _plots(folder: str, rows: Mapping[str, Mapping[str, Any]], laws: Mapping[str, Any],
            summary: Mapping[str, Any], lr_rates: Sequence[float] | None) -> list[str]:
+    # imported here for import speed: every `sweep run` job imports this module, only report plots
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
+    import matplotlib.pyplot as plt
+
+    def save(fig, name):
+        fig.tight_layout()
+        written.append(os.path.join(folder, f"{name}.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
     iso = laws["isoflop"]
     fit_pts, held = fit_rows(rows), fit_rows(rows, holdout=True)
     budgets = sorted({float(r["budget"]) for r in fit_pts})
@@ -167,10 +176,7 @@ def _plots(folder: str, rows: Mapping[str, Mapping[str, Any]], laws: Mapping[str
                    marker="X", s=90, label="predicted (laws of the fit budgets)")
     ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss", title="IsoFLOP curves (stars: vertices)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(os.path.join(folder, "isoflop.png"))
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "isoflop")
 
     front = laws["frontier"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -186,10 +192,7 @@ def _plots(folder: str, rows: Mapping[str, Mapping[str, Any]], laws: Mapping[str
                 color="C1", marker="s", capsize=4, label="measured (bar: repeat noise)")
     ax.set(xscale="log", xlabel="training FLOPs C", ylabel="best held-out loss", title="Compute frontier")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(os.path.join(folder, "frontier.png"))
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "frontier")
 
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0))
     for ax, key, label in ((axes[0], "n_opt", "N*(C), parameters"), (axes[1], "d_opt", "D*(C), tokens")):
@@ -198,10 +201,7 @@ def _plots(folder: str, rows: Mapping[str, Mapping[str, Any]], laws: Mapping[str
                 label=f"exponent {_fmt_ci(iso[f'{key}_exponent'], iso.get(f'{key}_exponent_ci'))}")
         ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel=label)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(os.path.join(folder, "allocation.png"))
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "allocation")
 
     if lr_rates:
         fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0), sharey=True)
@@ -218,10 +218,7 @@ def _plots(folder: str, rows: Mapping[str, Mapping[str, Any]], laws: Mapping[str
             if ax.get_legend_handles_labels()[0]:  # no rows of this parameterization yet: no legend
                 ax.legend(fontsize=7)
         axes[0].set_ylabel("held-out loss")
-        fig.tight_layout()
-        written.append(os.path.join(folder, "lr_transfer.png"))
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        save(fig, "lr_transfer")
     return written
 
 
@@ -265,8 +262,5 @@ def write_report(workdir: str, sweep: Mapping[str, Any], plan_points: Sequence[M
     md += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     with open(os.path.join(folder, "report.md"), "w") as f:
         f.write("\n".join(md) + "\n")
-    tmp = os.path.join(workdir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "summary.json"))
+    write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
